@@ -1,0 +1,106 @@
+"""Backend choice: "auto" | "cuda" | "triton" | "torch".
+
+Order of precedence: the `backend=` argument, else the environment variable
+`CUMO_KERNELS_BACKEND`, else "auto". An explicitly requested backend that cannot run raises a
+RuntimeError that says why and what to do; "auto" takes the first backend that can.
+Nothing here initialises CUDA at import.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+BACKENDS: tuple[str, ...] = ("auto", "cuda", "triton", "torch")
+ENV_VAR = "CUMO_KERNELS_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend: `refusal(device)` returns None when it can run on that device type, else why not."""
+
+    name: str
+    refusal: Callable[[str], str | None]
+    load: Callable[[], ModuleType]
+
+
+def _torch_refusal(device_type: str) -> str | None:
+    return None
+
+
+def _load_torch() -> ModuleType:
+    from . import reference
+
+    return reference
+
+
+def _triton_refusal(device_type: str) -> str | None:
+    return "the triton backend is not part of this release yet (it is being built); use backend='torch' or 'auto'"
+
+
+def _cuda_refusal(device_type: str) -> str | None:
+    return (
+        "the cuda backend (extension cumo_kernels._cuda) is not part of this release yet; use backend='torch' or 'auto'"
+    )
+
+
+def _unloadable() -> ModuleType:
+    raise RuntimeError("backend not available")
+
+
+_REGISTRY: dict[str, Backend] = {
+    "cuda": Backend("cuda", _cuda_refusal, _unloadable),
+    "triton": Backend("triton", _triton_refusal, _unloadable),
+    "torch": Backend("torch", _torch_refusal, _load_torch),
+}
+# The order "auto" tries them in, fastest first where they can run.
+_AUTO_ORDER: tuple[str, ...] = ("cuda", "triton", "torch")
+
+
+def resolve_name(backend: str | None) -> str:
+    """The requested backend's name: the argument, else $CUMO_KERNELS_BACKEND, else "auto"."""
+    name = backend if backend is not None else os.environ.get(ENV_VAR) or "auto"
+    if not isinstance(name, str) or name not in BACKENDS:
+        source = "backend" if backend is not None else ENV_VAR
+        raise ValueError(f"{source}: unknown backend {name!r}; accepted: {', '.join(BACKENDS)}")
+    return name
+
+
+def select(backend: str | None, device: torch.device) -> str:
+    """The concrete backend ("cuda", "triton" or "torch") that runs on `device`.
+
+    Raises RuntimeError when an explicitly requested backend cannot run there, with the reason;
+    "auto" falls back, and lists every backend's reason if none can run.
+    """
+    name = resolve_name(backend)
+    dev = torch.device(device).type
+    if name != "auto":
+        why = _REGISTRY[name].refusal(dev)
+        if why is not None:
+            raise RuntimeError(f"backend={name!r} cannot run on {dev} tensors: {why}")
+        return name
+    reasons = []
+    for cand in _AUTO_ORDER:
+        why = _REGISTRY[cand].refusal(dev)
+        if why is None:
+            return cand
+        reasons.append(f"{cand}: {why}")
+    raise RuntimeError(f"no backend can run on {dev} tensors: " + "; ".join(reasons))
+
+
+def implementation(name: str) -> ModuleType:
+    """The module that implements backend `name` (functions named after the ops)."""
+    return _REGISTRY[name].load()
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends that can run here, on `device`'s type if given, else on any device type.
+
+    Today: ["torch"]; "triton" and "cuda" join as they land.
+    """
+    types = [torch.device(device).type] if device is not None else ["cpu", "cuda"]
+    return [n for n in _AUTO_ORDER if any(_REGISTRY[n].refusal(t) is None for t in types)]

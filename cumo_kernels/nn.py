@@ -1,0 +1,100 @@
+"""`MoEMLP`: a module that owns the MoE MLP parameters and calls `cumo_kernels.moe_mlp`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import dispatch
+from ._activations import ACTIVATIONS
+from .ops import moe_mlp
+
+
+class MoEMLP(nn.Module):
+    """Sparse top-k Mixture-of-Experts MLP block, as CuMo runs it.
+
+    Parameters: `gate.weight` [E, in] (bias-free nn.Linear), `w1` [E, hidden, in],
+    `b1` [E, hidden], `w2` [E, out, hidden], `b2` [E, out] (biases only when bias=True), each
+    expert initialised as nn.Linear initialises its own weight and bias.
+
+    forward(x): x [T, in] or [B, N, in] -> (y [..., out], balance_loss (float32 scalar),
+    z_loss (scalar, x.dtype)).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int | None = None,
+        *,
+        num_experts: int,
+        top_k: int,
+        activation: str = "quick_gelu",
+        bias: bool = True,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        out_features = in_features if out_features is None else out_features
+        for name, v in (
+            ("in_features", in_features),
+            ("hidden_features", hidden_features),
+            ("out_features", out_features),
+            ("num_experts", num_experts),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k: expected an int with 1 <= top_k <= num_experts={num_experts}, got {top_k!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation: unknown {activation!r}; accepted: {', '.join(ACTIVATIONS)}")
+        if backend is not None:
+            dispatch.resolve_name(backend)
+        self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
+        self.num_experts, self.top_k, self.activation, self.backend = num_experts, top_k, activation, backend
+        kw = {"device": device, "dtype": dtype}
+        self.gate = nn.Linear(in_features, num_experts, bias=False, **kw)
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_features, in_features, **kw))
+        self.w2 = nn.Parameter(torch.empty(num_experts, out_features, hidden_features, **kw))
+        if bias:
+            self.b1 = nn.Parameter(torch.empty(num_experts, hidden_features, **kw))
+            self.b2 = nn.Parameter(torch.empty(num_experts, out_features, **kw))
+        else:
+            self.register_parameter("b1", None)
+            self.register_parameter("b2", None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation, expert by expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        for weights (kaiming_uniform with a=sqrt(5)) and biases."""
+        self.gate.reset_parameters()
+        for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
+            bound = 1.0 / math.sqrt(w.shape[2])
+            for e in range(self.num_experts):
+                nn.init.kaiming_uniform_(w[e], a=math.sqrt(5))
+            if b is not None:
+                nn.init.uniform_(b, -bound, bound)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return moe_mlp(
+            x,
+            self.gate.weight,
+            self.w1,
+            self.b1,
+            self.w2,
+            self.b2,
+            top_k=self.top_k,
+            activation=self.activation,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, hidden_features={self.hidden_features}, "
+            f"out_features={self.out_features}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"activation={self.activation!r}, bias={self.b1 is not None}, backend={self.backend!r}"
+        )

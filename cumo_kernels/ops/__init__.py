@@ -1,0 +1,8 @@
+"""Public differentiable ops of cumo-kernels, one file per op family (see `moe.py` for the table)."""
+
+from .grouped_gemm import grouped_linear
+from .moe import moe_mlp
+from .permute import permute, unpermute
+from .routing import aux_losses, route
+
+__all__ = ["aux_losses", "grouped_linear", "moe_mlp", "permute", "route", "unpermute"]

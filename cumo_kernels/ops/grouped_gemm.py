@@ -1,0 +1,108 @@
+"""Grouped GEMM op `cumo::grouped_linear`: one per-expert linear layer over rows grouped by
+expert, with optional bias and activation fused, and its backward op."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import dispatch
+from ._common import check_activation, check_device, check_float, check_index, check_shape
+
+
+@torch.library.custom_op("cumo::grouped_linear", mutates_args=())
+def _grouped_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, offsets: Tensor, activation: str, backend: str
+) -> tuple[Tensor, Tensor]:
+    return dispatch.implementation(backend).grouped_linear(x, weight, bias, offsets, activation)
+
+
+@_grouped_linear.register_fake
+def _(x, weight, bias, offsets, activation, backend):
+    y = x.new_empty(x.shape[0], weight.shape[1])
+    pre = x.new_empty(0) if activation == "none" else x.new_empty(x.shape[0], weight.shape[1])
+    return y, pre
+
+
+@torch.library.custom_op("cumo::grouped_linear_backward", mutates_args=())
+def _grouped_linear_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    pre: Tensor,
+    activation: str,
+    has_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    impl = dispatch.implementation(backend)
+    gx, gw, gb = impl.grouped_linear_backward(grad_y, x, weight, offsets, pre, activation, has_bias)
+    return gx, gw, (gb if gb is not None else weight.new_empty(0))
+
+
+@_grouped_linear_backward.register_fake
+def _(grad_y, x, weight, offsets, pre, activation, has_bias, backend):
+    gb = weight.new_empty(weight.shape[:2]) if has_bias else weight.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(weight), gb
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, offsets, activation, backend = inputs
+    _, pre = output
+    ctx.save_for_backward(x, weight, offsets, pre)
+    ctx.activation, ctx.backend, ctx.has_bias = activation, backend, bias is not None
+    ctx.mark_non_differentiable(pre)
+
+
+def _bwd(ctx, g_y, g_pre):
+    x, weight, offsets, pre = ctx.saved_tensors
+    g = torch.zeros(x.shape[0], weight.shape[1], dtype=x.dtype, device=x.device) if g_y is None else g_y.contiguous()
+    gx, gw, gb = _grouped_linear_backward(g, x, weight, offsets, pre, ctx.activation, ctx.has_bias, ctx.backend)
+    return gx, gw, (gb if ctx.has_bias else None), None, None, None
+
+
+_grouped_linear.register_autograd(_bwd, setup_context=_setup)
+
+
+def grouped_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    offsets: Tensor,
+    activation: str = "none",
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Per-expert linear layer on rows grouped by expert (the grouped GEMM).
+
+    Args:
+        x: [M, K] grouped rows (from `permute`).
+        weight: [E, N, K], nn.Linear layout per expert.
+        bias: [E, N] or None.
+        offsets: [E+1] int64 row offsets (rows offsets[e]:offsets[e+1] use expert e), with
+            offsets[0] = 0 and offsets[E] = M.
+        activation: "none", "quick_gelu", "gelu", "gelu_tanh", "silu" or "relu".
+
+    Returns:
+        y [M, N] x.dtype: act(x @ weight[e]^T + bias[e]) on each expert's rows. Gradients reach
+        x, weight and bias; the activation's derivative uses the saved pre-activation.
+    """
+    check_float("x", x)
+    check_float("weight", weight, x.dtype)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected shape [M, K], got {list(x.shape)}")
+    check_shape("weight", weight, (None, None, x.shape[1]), "E, N, K with K = x.shape[1]")
+    e, n, _ = weight.shape
+    if bias is not None:
+        check_float("bias", bias, x.dtype)
+        check_shape("bias", bias, (e, n), "E, N")
+        check_device("bias", bias, x.device)
+    check_index("offsets", offsets, 1)
+    if offsets.numel() != e + 1:
+        raise ValueError(f"offsets: expected {e + 1} entries (E + 1), got {offsets.numel()}")
+    check_activation(activation, allow_none=True)
+    for name_, t in (("weight", weight), ("offsets", offsets)):
+        check_device(name_, t, x.device)
+    name = dispatch.select(backend, x.device)
+    b = None if bias is None else bias.contiguous()
+    return _grouped_linear(x.contiguous(), weight.contiguous(), b, offsets.contiguous(), activation, name)[0]

@@ -1,0 +1,115 @@
+"""`moe_mlp`: the whole MoE MLP block as a composition of the cumo ops.
+
+The op table (each a `torch.library` custom op in the `cumo` namespace with a fake and autograd):
+
+| op | inputs -> outputs | backward op |
+|---|---|---|
+| cumo::route | logits [T,E] -> weights [T,k], expert_ids [T,k], prob_sums [B,E], first_counts [B,E], z_sums [B] | cumo::route_backward |
+| cumo::permute | x [T,H], expert_ids -> x_sorted [T*k,H], sort_idx [T*k], offsets [E+1] | cumo::permute_backward |
+| cumo::grouped_linear | x [M,K], weight [E,N,K], bias [E,N]?, offsets -> y [M,N], pre [M,N] or [0] | cumo::grouped_linear_backward |
+| cumo::unpermute | y_sorted [T*k,N], sort_idx, weights [T,k] -> out [T,N] | cumo::unpermute_backward |
+| cumo::aux_losses | prob_sums, first_counts, z_sums -> balance [], z [] | (plain torch; two scalars) |
+
+The router logits are `F.linear(x, gate_weight)` in the activation dtype, an ordinary autograd op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import dispatch
+from ._common import check_activation, check_device, check_float, check_shape, check_top_k
+from .grouped_gemm import _grouped_linear
+from .permute import _permute, _unpermute
+from .routing import _aux_losses, _route
+
+
+def _autocast(tensors: list[Tensor | None], device_type: str) -> list[Tensor | None]:
+    """Under torch.autocast the block behaves like the nn.Linear layers it replaces: floating
+    inputs are cast to the autocast dtype."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return [None if t is None else t.to(dtype) for t in tensors]
+    return tensors
+
+
+def moe_mlp(
+    x: Tensor,
+    gate_weight: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    *,
+    top_k: int,
+    activation: str = "quick_gelu",
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CuMo's sparse top-k MoE MLP block (CUMO.md, "Routing and the auxiliary losses").
+
+    Args:
+        x: [T, in] (one sample) or [B, N, in] (balance statistics per sample along dim 0).
+        gate_weight: [E, in], the bias-free router.
+        w1: [E, hidden, in]; b1: [E, hidden] or None (fc1 of each expert).
+        w2: [E, out, hidden]; b2: [E, out] or None (fc2 of each expert).
+        top_k: experts per token, 1 <= top_k <= E.
+        activation: "quick_gelu" (CLIP), "gelu" (erf; the connector), "gelu_tanh", "silu", "relu".
+        backend: None (then $CUMO_KERNELS_BACKEND, else "auto"), "auto", "torch", "triton", "cuda".
+
+    Returns:
+        y: x's leading shape with `out` features, x.dtype;
+        balance_loss: float32 scalar, mean_{b,e}(P[b,e] * f[b,e]) * E^2;
+        z_loss: scalar in x.dtype, mean over tokens of logsumexp(logits)^2.
+        An empty input (T = 0) gives an empty y and zero losses.
+    """
+    check_float("x", x)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x: expected shape [T, in] or [B, N, in], got {list(x.shape)}")
+    dispatch.resolve_name(backend)
+    x, gate_weight, w1, b1, w2, b2 = _autocast([x, gate_weight, w1, b1, w2, b2], x.device.type)
+    d_in = x.shape[-1]
+    check_float("gate_weight", gate_weight, x.dtype)
+    if gate_weight.dim() != 2:
+        raise ValueError(f"gate_weight: expected shape [E, in], got {list(gate_weight.shape)}")
+    e = gate_weight.shape[0]
+    check_shape("gate_weight", gate_weight, (e, d_in), f"E, in with in = x.shape[-1] = {d_in}")
+    check_float("w1", w1, x.dtype)
+    check_shape("w1", w1, (e, None, d_in), f"E={e} experts, hidden, in={d_in}")
+    hidden = w1.shape[1]
+    check_float("w2", w2, x.dtype)
+    check_shape("w2", w2, (e, None, hidden), f"E={e} experts, out, hidden={hidden}")
+    d_out = w2.shape[1]
+    for name, b, n in (("b1", b1, hidden), ("b2", b2, d_out)):
+        if b is not None:
+            check_float(name, b, x.dtype)
+            check_shape(name, b, (e, n), f"E={e}, {n}")
+    for name, t in (("gate_weight", gate_weight), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if t is not None:
+            check_device(name, t, x.device)
+    check_top_k(top_k, e)
+    check_activation(activation)
+    name = dispatch.select(backend, x.device)
+
+    lead = x.shape[:-1]
+    samples = x.shape[0] if x.dim() == 3 else 1
+    x2 = x.reshape(-1, d_in)
+    t = x2.shape[0]
+    if t == 0:
+        # Nothing to route: an empty output and zero losses, still connected to the parameters
+        # so that a backward() through them runs.
+        zero = gate_weight.sum() * 0
+        y = x.new_zeros(*lead, d_out) + zero.to(x.dtype)
+        return y, zero.float(), zero.to(x.dtype)
+
+    logits = F.linear(x2, gate_weight)
+    weights, expert_ids, prob_sums, first_counts, z_sums = _route(logits, top_k, samples, name)
+    x_sorted, sort_idx, offsets = _permute(x2.contiguous(), expert_ids, e, name)
+    h = _grouped_linear(x_sorted, w1.contiguous(), None if b1 is None else b1.contiguous(), offsets, activation, name)[
+        0
+    ]
+    y_sorted = _grouped_linear(h, w2.contiguous(), None if b2 is None else b2.contiguous(), offsets, "none", name)[0]
+    y = _unpermute(y_sorted, sort_idx, weights, name)
+    balance, z = _aux_losses(prob_sums, first_counts, z_sums, t // samples)
+    return y.view(*lead, d_out), balance, z.to(x.dtype)

@@ -1,0 +1,163 @@
+"""Grouped linear layer (per-expert GEMM on grouped rows, bias, activation), in torch.
+
+Three strategies, chosen by `gemm_strategy`:
+- "per_expert": one `mm` per expert on its row block. Needs the row counts on the host, which on
+  CPU tensors costs nothing; measured fastest on the CPU (DESIGN.md).
+- "grouped_mm": `torch.nn.functional.grouped_mm` on CUDA, bf16, with 16-byte aligned strides.
+- "masked": every expert over all rows, rows of other experts zeroed (E times the FLOPs, no
+  host sync, any dtype and size): the CUDA fallback where `grouped_mm` refuses.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .. import _activations
+
+STRATEGIES = ("per_expert", "grouped_mm", "masked")
+
+
+def gemm_strategy(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """The strategy the torch backend uses for these operands.
+
+    `CUMO_KERNELS_TORCH_GEMM` forces one (tests use it to run the CUDA strategies on the CPU).
+    """
+    forced = os.environ.get("CUMO_KERNELS_TORCH_GEMM")
+    if forced:
+        if forced not in STRATEGIES:
+            raise ValueError(f"CUMO_KERNELS_TORCH_GEMM: unknown {forced!r}; accepted: {', '.join(STRATEGIES)}")
+        return forced
+    if x.device.type != "cuda":
+        return "per_expert"
+    aligned = all(d * x.element_size() % 16 == 0 for d in (x.shape[1], weight.shape[1]))
+    if x.dtype == torch.bfloat16 and aligned and hasattr(F, "grouped_mm"):
+        return "grouped_mm"
+    return "masked"
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows] int64 expert of each grouped row (on the device, no sync)."""
+    r = torch.arange(rows, device=offsets.device)
+    e = torch.searchsorted(offsets[1:].contiguous(), r, right=True)
+    return e.clamp_(max=offsets.numel() - 2)
+
+
+def _row_mask(offsets: torch.Tensor, rows: int, e: int, dtype: torch.dtype) -> torch.Tensor:
+    r = torch.arange(rows, device=offsets.device)
+    return ((r >= offsets[e]) & (r < offsets[e + 1])).to(dtype).unsqueeze(1)
+
+
+def _segment_sum(values: torch.Tensor, offsets: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E, N] sum (float32, or float64) of the rows of values [M, N] per expert, as a GEMM with
+    a one-hot matrix: deterministic, no atomics, no sync."""
+    acc = _acc(values.dtype)
+    onehot = F.one_hot(_row_experts(offsets, values.shape[0]), num_experts).to(acc)
+    return onehot.t() @ values.to(acc)
+
+
+def _linear_pre(x, weight, bias, offsets, strategy):
+    m = x.shape[0]
+    num_experts, n, _ = weight.shape
+    if strategy == "per_expert":
+        pre = x.new_empty(m, n)
+        bounds = offsets.tolist()
+        for e in range(num_experts):
+            s, t = bounds[e], bounds[e + 1]
+            if s == t:
+                continue
+            if bias is None:
+                torch.mm(x[s:t], weight[e].t(), out=pre[s:t])
+            else:
+                torch.addmm(bias[e], x[s:t], weight[e].t(), out=pre[s:t])
+        return pre
+    if strategy == "grouped_mm":
+        pre = F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets[1:].to(torch.int32))
+        if bias is not None:
+            pre = pre + bias.index_select(0, _row_experts(offsets, m))
+        return pre
+    out = torch.zeros(m, n, dtype=_acc(x.dtype), device=x.device)
+    for e in range(num_experts):
+        y = F.linear(x, weight[e], None if bias is None else bias[e]).to(out.dtype)
+        out += y * _row_mask(offsets, m, e, out.dtype)
+    return out.to(x.dtype)
+
+
+def grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    offsets: torch.Tensor,
+    activation: str = "none",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert linear layer on rows grouped by expert.
+
+    Args:
+        x: [M, K] grouped rows (from `permute`).
+        weight: [E, N, K] (nn.Linear layout per expert).
+        bias: [E, N] or None.
+        offsets: [E + 1] int64 row offsets.
+        activation: "none" or one of `ACTIVATIONS`.
+
+    Returns:
+        y: [M, N] x.dtype, rows offsets[e]:offsets[e+1] = act(x @ weight[e]^T + bias[e]).
+        pre: [M, N] the pre-activation (rounded to x.dtype) the backward needs, or an empty
+            [0] tensor when activation is "none".
+    """
+    pre = _linear_pre(x, weight, bias, offsets, gemm_strategy(x, weight))
+    if activation == "none":
+        return pre, x.new_empty(0)
+    return _activations.apply(pre, activation).to(x.dtype), pre
+
+
+def grouped_linear_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    pre: torch.Tensor,
+    activation: str,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of `grouped_linear`: (grad_x [M, K], grad_weight [E, N, K], grad_bias [E, N]
+    or None). Experts without rows get zero weight and bias gradients."""
+    m = x.shape[0]
+    num_experts = weight.shape[0]
+    if activation == "none":
+        g = grad_y
+    else:
+        g = (grad_y.to(_acc(x.dtype)) * _activations.derivative(pre, activation)).to(x.dtype)
+    strategy = gemm_strategy(x, weight)
+    if strategy == "per_expert":
+        grad_x = x.new_empty(x.shape)
+        grad_w = torch.zeros_like(weight)
+        grad_b = weight.new_zeros(weight.shape[:2]) if has_bias else None
+        bounds = offsets.tolist()
+        for e in range(num_experts):
+            s, t = bounds[e], bounds[e + 1]
+            if s == t:
+                continue
+            torch.mm(g[s:t], weight[e], out=grad_x[s:t])
+            torch.mm(g[s:t].t(), x[s:t], out=grad_w[e])
+            if grad_b is not None:
+                torch.sum(g[s:t], dim=0, out=grad_b[e])
+        return grad_x, grad_w, grad_b
+    grad_b = _segment_sum(g, offsets, num_experts).to(weight.dtype) if has_bias else None
+    if strategy == "grouped_mm":
+        offs = offsets[1:].to(torch.int32)
+        grad_x = F.grouped_mm(g, weight, offs=offs)
+        grad_w = F.grouped_mm(g.t(), x, offs=offs)
+        return grad_x, grad_w, grad_b
+    grad_x = torch.zeros(m, x.shape[1], dtype=_acc(x.dtype), device=x.device)
+    grad_w = torch.empty_like(weight)
+    for e in range(num_experts):
+        ge = g * _row_mask(offsets, m, e, g.dtype)
+        grad_x += (ge @ weight[e]).to(grad_x.dtype)
+        grad_w[e] = ge.t() @ x
+    return grad_x.to(x.dtype), grad_w, grad_b

@@ -1,0 +1,85 @@
+"""Grouping token rows by expert and the weighted combine back to token order, in torch."""
+
+from __future__ import annotations
+
+import torch
+
+
+def expert_offsets(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E + 1] int64 row offsets of each expert's group, computed on the ids' device (no sync:
+    a scatter-add of ones, not `bincount`, whose output size is data-dependent on CUDA)."""
+    flat = expert_ids.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(counts, dim=0, out=offsets[1:])
+    return offsets
+
+
+def inverse_permutation(sort_idx: torch.Tensor) -> torch.Tensor:
+    """inv with inv[sort_idx[i]] = i: the grouped row that holds each flat slot t*k+j."""
+    inv = torch.empty_like(sort_idx)
+    inv[sort_idx] = torch.arange(sort_idx.numel(), device=sort_idx.device)
+    return inv
+
+
+def permute(
+    x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the rows of x by expert.
+
+    Args:
+        x: [T, H] token rows.
+        expert_ids: [T, k] int64 expert of each (token, choice) slot.
+        num_experts: E.
+
+    Returns:
+        x_sorted: [T*k, H], x_sorted[i] = x[sort_idx[i] // k].
+        sort_idx: [T*k] int64 flat slot t*k+j of each grouped row; stable, so within an expert
+            rows keep slot order.
+        offsets: [E + 1] int64; rows offsets[e]:offsets[e+1] belong to expert e.
+    """
+    k = expert_ids.shape[1]
+    sort_idx = torch.argsort(expert_ids.reshape(-1), stable=True)
+    offsets = expert_offsets(expert_ids, num_experts)
+    x_sorted = x.index_select(0, torch.div(sort_idx, k, rounding_mode="floor"))
+    return x_sorted, sort_idx, offsets
+
+
+def permute_backward(grad_sorted: torch.Tensor, sort_idx: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Gradient of `permute` for x: [T, H], the sum over each token's k grouped rows.
+
+    A gather through the inverse permutation and a sum over k: deterministic, no atomics.
+    """
+    tk, h = grad_sorted.shape
+    inv = inverse_permutation(sort_idx)
+    return grad_sorted.index_select(0, inv).view(tk // top_k, top_k, h).sum(dim=1)
+
+
+def unpermute(y_sorted: torch.Tensor, sort_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted combine of grouped rows back to token order.
+
+    y_sorted [T*k, N], sort_idx [T*k] (from `permute`), weights [T, k] -> out [T, N],
+    out[t] = sum_j weights[t, j] * y_sorted[row holding slot t*k+j], accumulated in float32
+    (one batched product, T x (1 x k) @ (k x N)).
+    """
+    t, k = weights.shape
+    n = y_sorted.shape[1]
+    gathered = y_sorted.index_select(0, inverse_permutation(sort_idx)).view(t, k, n)
+    w = weights.to(y_sorted.dtype).unsqueeze(1)
+    return torch.bmm(w, gathered).view(t, n)
+
+
+def unpermute_backward(
+    grad_out: torch.Tensor, y_sorted: torch.Tensor, sort_idx: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `unpermute`: (grad_y_sorted [T*k, N] in y_sorted.dtype, grad_weights [T, k]
+    in weights.dtype)."""
+    t, k = weights.shape
+    n = y_sorted.shape[1]
+    token = torch.div(sort_idx, k, rounding_mode="floor")
+    w_rows = weights.reshape(-1).index_select(0, sort_idx).to(grad_out.dtype)
+    grad_y = grad_out.index_select(0, token) * w_rows.unsqueeze(1)
+    gathered = y_sorted.index_select(0, inverse_permutation(sort_idx)).view(t, k, n)
+    grad_w = torch.bmm(gathered, grad_out.to(y_sorted.dtype).unsqueeze(2)).view(t, k)
+    return grad_y.to(y_sorted.dtype), grad_w.to(weights.dtype)
