@@ -1,14 +1,14 @@
 """`moe_mlp`: the whole MoE MLP block as a composition of the cumo ops.
 
-The op table (each a `torch.library` custom op in the `cumo` namespace with a fake and autograd):
+The op table (each a `torch.library` custom op in the `cumo` namespace with a fake and autograd;
+backward ops are custom ops too, named `<op>_backward`):
 
-| op | inputs -> outputs | backward op |
-|---|---|---|
-| cumo::route | logits [T,E] -> weights [T,k], expert_ids [T,k], prob_sums [B,E], first_counts [B,E], z_sums [B] | cumo::route_backward |
-| cumo::permute | x [T,H], expert_ids -> x_sorted [T*k,H], sort_idx [T*k], offsets [E+1] | cumo::permute_backward |
-| cumo::grouped_linear | x [M,K], weight [E,N,K], bias [E,N]?, offsets -> y [M,N], pre [M,N] or [0] | cumo::grouped_linear_backward |
-| cumo::unpermute | y_sorted [T*k,N], sort_idx, weights [T,k] -> out [T,N] | cumo::unpermute_backward |
-| cumo::aux_losses | prob_sums, first_counts, z_sums -> balance [], z [] | (plain torch; two scalars) |
+- cumo::route: logits [T,E] -> weights [T,k], expert_ids [T,k], prob_sums [B,E],
+  first_counts [B,E], z_sums [B]
+- cumo::permute: x [T,H], expert_ids [T,k] -> x_sorted [T*k,H], sort_idx [T*k], offsets [E+1]
+- cumo::grouped_linear: x [M,K], weight [E,N,K], bias [E,N]?, offsets -> y [M,N], pre [M,N] (or [0])
+- cumo::unpermute: y_sorted [T*k,N], sort_idx, weights [T,k] -> out [T,N]
+- cumo::aux_losses: prob_sums, first_counts, z_sums -> balance [], z [] (backward in plain torch)
 
 The router logits are `F.linear(x, gate_weight)` in the activation dtype, an ordinary autograd op.
 """
