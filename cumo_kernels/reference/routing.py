@@ -18,7 +18,7 @@ def _sorted_choices(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torc
     0..E-1 for every token, NaN or not, so they are always in range.
     """
     values, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
-    return values[:, :top_k], ids[:, :top_k]
+    return values[:, :top_k].contiguous(), ids[:, :top_k].contiguous()
 
 
 def route(
