@@ -1,7 +1,7 @@
 """Elementwise activations and their derivatives, shared by every backend's reference math.
 
-All functions compute in float32 (or float64 for float64 inputs) and return that precision;
-callers round to the activation dtype where CuMo does.
+Both compute in float32 (float64 for float64 inputs). `apply` returns the input's dtype, rounded
+once; `derivative` returns the compute precision.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 ACTIVATIONS: tuple[str, ...] = ("quick_gelu", "gelu", "gelu_tanh", "silu", "relu")
 """Activations accepted by `moe_mlp`, `MoEMLP` and `grouped_linear` (which also takes "none")."""
@@ -23,20 +24,25 @@ def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply(x: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(x) in float32 (float64 for float64 x). `activation` is one of ACTIVATIONS or "none"."""
-    v = _compute_dtype(x)
+    """act(x) in x's dtype, computed in float32 (float64 for float64 x) and rounded once.
+
+    `activation` is one of ACTIVATIONS or "none". torch's own gelu/silu/relu kernels compute
+    low-precision inputs in float32 internally, in one pass; quick_gelu, which has no torch
+    kernel, is computed on a float32 copy.
+    """
     if activation == "none":
-        return v
-    if activation == "quick_gelu":
-        return v * torch.sigmoid(1.702 * v)
+        return x
     if activation == "gelu":
-        return 0.5 * v * (1.0 + torch.erf(v * _INV_SQRT_2))
+        return F.gelu(x)
     if activation == "gelu_tanh":
-        return 0.5 * v * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)))
+        return F.gelu(x, approximate="tanh")
     if activation == "silu":
-        return v * torch.sigmoid(v)
+        return F.silu(x)
     if activation == "relu":
-        return torch.relu(v)
+        return F.relu(x)
+    if activation == "quick_gelu":
+        v = _compute_dtype(x)
+        return torch.sigmoid(1.702 * v).mul_(v).to(x.dtype)
     raise ValueError(f"activation: unknown {activation!r}; accepted: {', '.join(ACTIVATIONS)}")
 
 

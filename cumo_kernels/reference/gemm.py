@@ -113,7 +113,7 @@ def grouped_linear(
     pre = _linear_pre(x, weight, bias, offsets, gemm_strategy(x, weight))
     if activation == "none":
         return pre, x.new_empty(0)
-    return _activations.apply(pre, activation).to(x.dtype), pre
+    return _activations.apply(pre, activation), pre
 
 
 def grouped_linear_backward(
