@@ -42,7 +42,7 @@ def apply(x: torch.Tensor, activation: str) -> torch.Tensor:
         return F.relu(x)
     if activation == "quick_gelu":
         v = _compute_dtype(x)
-        return torch.sigmoid(1.702 * v).mul_(v).to(x.dtype)
+        return (v * torch.sigmoid(1.702 * v)).to(x.dtype)
     raise ValueError(f"activation: unknown {activation!r}; accepted: {', '.join(ACTIVATIONS)}")
 
 
