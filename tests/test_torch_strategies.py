@@ -70,3 +70,23 @@ def test_strategy_choice_on_cpu(monkeypatch):
     monkeypatch.setenv("CUMO_KERNELS_TORCH_GEMM", "nonsense")
     with pytest.raises(ValueError, match="CUMO_KERNELS_TORCH_GEMM"):
         gemm.gemm_strategy(x, w)
+
+
+@pytest.mark.parametrize("strategy", gemm.STRATEGIES)
+def test_nan_row_stays_in_its_expert(monkeypatch, strategy):
+    """A NaN in one row reaches neither other rows nor other experts' gradients."""
+    monkeypatch.setenv("CUMO_KERNELS_TORCH_GEMM", strategy)
+    torch.manual_seed(0)
+    offsets = LAYOUTS["ragged"]  # row 6 belongs to expert 2
+    x = torch.randn(16, 8)
+    x[6, 3] = float("nan")
+    x.requires_grad_()
+    w = torch.randn(4, 12, 8, requires_grad=True)
+    b = torch.randn(4, 12, requires_grad=True)
+    y = torch.ops.cumo.grouped_linear(x, w, b, torch.tensor(offsets), "gelu", "torch")[0]
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+    others = [r for r in range(16) if r != 6]
+    assert torch.isfinite(y[others]).all(), "NaN leaked into other rows of y"
+    assert torch.isfinite(gx[others]).all(), "NaN leaked into other rows of grad_x"
+    for e in (0, 1, 3):
+        assert torch.isfinite(gw[e]).all() and torch.isfinite(gb[e]).all(), f"NaN leaked into expert {e}'s gradients"

@@ -49,17 +49,18 @@ def _row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
     return e.clamp_(max=offsets.numel() - 2)
 
 
-def _row_mask(offsets: torch.Tensor, rows: int, e: int, dtype: torch.dtype) -> torch.Tensor:
+def _row_mask(offsets: torch.Tensor, rows: int, e: int) -> torch.Tensor:
+    """[rows, 1] bool, True on expert e's rows. Used with torch.where, never as a 0/1 factor, so
+    that a NaN or inf in one row cannot reach other experts' results (0 * NaN is NaN)."""
     r = torch.arange(rows, device=offsets.device)
-    return ((r >= offsets[e]) & (r < offsets[e + 1])).to(dtype).unsqueeze(1)
+    return ((r >= offsets[e]) & (r < offsets[e + 1])).unsqueeze(1)
 
 
 def _segment_sum(values: torch.Tensor, offsets: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E, N] sum (float32, or float64) of the rows of values [M, N] per expert, as a GEMM with
-    a one-hot matrix: deterministic, no atomics, no sync."""
-    acc = _acc(values.dtype)
-    onehot = F.one_hot(_row_experts(offsets, values.shape[0]), num_experts).to(acc)
-    return onehot.t() @ values.to(acc)
+    """[E, N] per-expert sum of the rows of values [M, N] (accumulated in float32 by torch's
+    reduction): deterministic, no atomics, no sync, and a NaN row stays in its own expert."""
+    m = values.shape[0]
+    return torch.stack([torch.where(_row_mask(offsets, m, e), values, 0).sum(dim=0) for e in range(num_experts)])
 
 
 def _linear_pre(x, weight, bias, offsets, strategy):
@@ -82,11 +83,11 @@ def _linear_pre(x, weight, bias, offsets, strategy):
         if bias is not None:
             pre = pre + bias.index_select(0, _row_experts(offsets, m))
         return pre
-    out = torch.zeros(m, n, dtype=_acc(x.dtype), device=x.device)
+    out = torch.zeros(m, n, dtype=x.dtype, device=x.device)
     for e in range(num_experts):
-        y = F.linear(x, weight[e], None if bias is None else bias[e]).to(out.dtype)
-        out += y * _row_mask(offsets, m, e, out.dtype)
-    return out.to(x.dtype)
+        y = F.linear(x, weight[e], None if bias is None else bias[e])
+        out = torch.where(_row_mask(offsets, m, e), y, out)
+    return out
 
 
 def grouped_linear(
@@ -148,16 +149,17 @@ def grouped_linear_backward(
             if grad_b is not None:
                 torch.sum(g[s:t], dim=0, out=grad_b[e])
         return grad_x, grad_w, grad_b
-    grad_b = _segment_sum(g, offsets, num_experts).to(weight.dtype) if has_bias else None
+    grad_b = _segment_sum(g, offsets, num_experts) if has_bias else None
     if strategy == "grouped_mm":
         offs = offsets[1:].to(torch.int32)
         grad_x = F.grouped_mm(g, weight, offs=offs)
         grad_w = F.grouped_mm(g.t(), x, offs=offs)
         return grad_x, grad_w, grad_b
-    grad_x = torch.zeros(m, x.shape[1], dtype=_acc(x.dtype), device=x.device)
+    grad_x = torch.zeros(m, x.shape[1], dtype=x.dtype, device=x.device)
     grad_w = torch.empty_like(weight)
     for e in range(num_experts):
-        ge = g * _row_mask(offsets, m, e, g.dtype)
-        grad_x += (ge @ weight[e]).to(grad_x.dtype)
-        grad_w[e] = ge.t() @ x
+        mask = _row_mask(offsets, m, e)
+        ge = torch.where(mask, g, 0)
+        grad_x = torch.where(mask, (ge @ weight[e]).to(grad_x.dtype), grad_x)
+        grad_w[e] = ge.t() @ torch.where(mask, x, 0)
     return grad_x.to(x.dtype), grad_w, grad_b
