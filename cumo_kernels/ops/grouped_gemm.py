@@ -49,6 +49,7 @@ def _(grad_y, x, weight, offsets, pre, activation, has_bias, backend):
 def _setup(ctx, inputs, output):
     x, weight, bias, offsets, activation, backend = inputs
     _, pre = output
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, offsets, pre)
     ctx.activation, ctx.backend, ctx.has_bias = activation, backend, bias is not None
     ctx.mark_non_differentiable(pre)

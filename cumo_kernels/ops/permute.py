@@ -38,6 +38,7 @@ def _(grad_sorted, sort_idx, top_k, backend):
 def _permute_setup(ctx, inputs, output):
     _, expert_ids, _, backend = inputs
     x_sorted, sort_idx, offsets = output
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(sort_idx)
     ctx.top_k, ctx.backend = expert_ids.shape[1], backend
     ctx.mark_non_differentiable(sort_idx, offsets)

@@ -42,17 +42,18 @@ def _(grad_weights, grad_prob_sums, grad_z_sums, logits, expert_ids, backend):
 
 
 def _route_setup(ctx, inputs, output):
-    logits, _, _, backend = inputs
+    logits, _, num_samples, backend = inputs
     _, expert_ids, _, first_counts, _ = output
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, expert_ids)
-    ctx.backend = backend
+    ctx.backend, ctx.num_samples = backend, num_samples
     ctx.mark_non_differentiable(expert_ids, first_counts)
 
 
 def _route_bwd(ctx, g_weights, g_ids, g_prob_sums, g_counts, g_z_sums):
     logits, expert_ids = ctx.saved_tensors
     b = logits.new_empty(0)
-    n_samples = g_prob_sums.shape[0] if g_prob_sums is not None else (g_z_sums.shape[0] if g_z_sums is not None else 1)
+    n_samples = ctx.num_samples
     gw = grad_or_zeros(g_weights, expert_ids.to(logits.dtype))
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     gp = grad_or_zeros(g_prob_sums, b.new_empty(n_samples, logits.shape[1], dtype=acc))
