@@ -8,6 +8,7 @@ Nothing here initialises CUDA at import.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,23 +39,34 @@ def _load_torch() -> ModuleType:
     return reference
 
 
-def _triton_refusal(device_type: str) -> str | None:
-    return "the triton backend is not part of this release yet (it is being built); use backend='torch' or 'auto'"
+def _module_backend(name: str, module: str) -> Backend:
+    """A backend implemented by the module `module`, imported only when the backend is asked for.
 
+    The module defines the op functions (the same names and signatures as `reference`) and
+    `refusal(device_type) -> str | None`. A module that is not in this installation yet, or whose
+    import fails (say triton is missing), refuses with the reason.
+    """
 
-def _cuda_refusal(device_type: str) -> str | None:
-    return (
-        "the cuda backend (extension cumo_kernels._cuda) is not part of this release yet; use backend='torch' or 'auto'"
-    )
+    def load() -> ModuleType:
+        return importlib.import_module(module)
 
+    def refusal(device_type: str) -> str | None:
+        try:
+            mod = load()
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                return f"the {name} backend is not part of this release yet; use backend='torch' or 'auto'"
+            return f"the {name} backend cannot be imported: {exc}"
+        except ImportError as exc:
+            return f"the {name} backend cannot be imported: {exc}"
+        return mod.refusal(device_type)
 
-def _unloadable() -> ModuleType:
-    raise RuntimeError("backend not available")
+    return Backend(name, refusal, load)
 
 
 _REGISTRY: dict[str, Backend] = {
-    "cuda": Backend("cuda", _cuda_refusal, _unloadable),
-    "triton": Backend("triton", _triton_refusal, _unloadable),
+    "cuda": _module_backend("cuda", "cumo_kernels.cuda"),
+    "triton": _module_backend("triton", "cumo_kernels.triton"),
     "torch": Backend("torch", _torch_refusal, _load_torch),
 }
 # The order "auto" tries them in, fastest first where they can run.
@@ -83,6 +95,9 @@ def select(backend: str | None, device: torch.device) -> str:
         if why is not None:
             raise RuntimeError(f"backend={name!r} cannot run on {dev} tensors: {why}")
         return name
+    if dev == "cpu":
+        # On CPU tensors "auto" is the torch backend: the Triton interpreter is for tests only.
+        return "torch"
     reasons = []
     for cand in _AUTO_ORDER:
         why = _REGISTRY[cand].refusal(dev)
@@ -100,7 +115,8 @@ def implementation(name: str) -> ModuleType:
 def available_backends(device: str | torch.device | None = None) -> list[str]:
     """Backends that can run here, on `device`'s type if given, else on any device type.
 
-    Today: ["torch"]; "triton" and "cuda" join as they land.
+    "triton" is listed for CPU tensors only under TRITON_INTERPRET=1 (tests); "cuda" needs the
+    built extension and a device.
     """
     types = [torch.device(device).type] if device is not None else ["cpu", "cuda"]
     return [n for n in _AUTO_ORDER if any(_REGISTRY[n].refusal(t) is None for t in types)]
