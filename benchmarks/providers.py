@@ -1,0 +1,343 @@
+"""The implementations compared: cumo_kernels' backends, CuMo's loop, sorted dispatch +
+grouped_mm, the dense ceiling, and peer libraries when importable.
+
+Each provider turns one set of inputs into a callable for a pass:
+- "fwd": the forward under torch.no_grad() (inference; no autograd bookkeeping for anyone);
+- "fwd+bwd": the forward with autograd, then torch.autograd.grad of (y, balance, z) against
+  random dy (and 1 for the losses) into x and every parameter (no .grad accumulation).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .shapes import Shape
+
+PASSES = ("fwd", "fwd+bwd")
+
+
+def _quick_gelu(v: Tensor) -> Tensor:
+    return v * torch.sigmoid(1.702 * v)
+
+
+ACT: dict[str, Callable[[Tensor], Tensor]] = {
+    "quick_gelu": _quick_gelu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+@dataclass
+class Inputs:
+    """Random inputs of one shape (never zeros): x [B, N, in], the gate, both expert layers, dy."""
+
+    x: Tensor
+    gate: Tensor
+    w1: Tensor
+    b1: Tensor
+    w2: Tensor
+    b2: Tensor
+    dy: Tensor
+
+    def params(self) -> list[Tensor]:
+        return [self.x, self.gate, self.w1, self.b1, self.w2, self.b2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.params(), self.dy))
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Inputs:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    e, d_in, hid, d_out = shape.experts, shape.d_in, shape.hidden, shape.d_out
+
+    def rnd(*size: int, scale: float = 1.0) -> Tensor:
+        return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype)
+
+    return Inputs(
+        x=rnd(shape.samples, shape.tokens_per_sample, d_in),
+        gate=rnd(e, d_in, scale=d_in**-0.5),
+        w1=rnd(e, hid, d_in, scale=d_in**-0.5),
+        b1=rnd(e, hid, scale=0.1),
+        w2=rnd(e, d_out, hid, scale=hid**-0.5),
+        b2=rnd(e, d_out, scale=0.1),
+        dy=rnd(shape.samples, shape.tokens_per_sample, d_out),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The routing both baselines share (CuMo's MLPMoE.forward, batched over samples).
+
+
+def cumo_routing(x: Tensor, gate: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """CuMo's router on x [B, N, in]: (weights [B,N,k] renormalised, experts [B,N,k], balance, z)."""
+    e = gate.shape[0]
+    logits = F.linear(x, gate)
+    z = torch.logsumexp(logits, dim=-1).square().mean()
+    probs = F.softmax(logits, dim=-1, dtype=torch.float).to(x.dtype)
+    density_proxy = probs.mean(dim=-2)  # [B, E] per sample
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    first = F.one_hot(experts[..., 0], e).float()
+    density = first.mean(dim=-2)  # [B, E]
+    balance = (density_proxy.float() * density).mean() * float(e * e)
+    weights = weights / weights.sum(dim=-1, keepdim=True).to(x.dtype)
+    return weights, experts, balance, z
+
+
+def loop_forward(inp: Inputs, shape: Shape) -> tuple[Tensor, Tensor, Tensor]:
+    """CuMo's loop formulation: per sample, per expert, torch.where over that sample's tokens."""
+    x, act = inp.x, ACT[shape.activation]
+    weights, experts, balance, z = cumo_routing(x, inp.gate, shape.top_k)
+    results = torch.zeros(x.shape[0], x.shape[1], shape.d_out, device=x.device, dtype=x.dtype)
+    for b in range(x.shape[0]):
+        for i in range(shape.experts):
+            token_idx, nth_expert = torch.where(experts[b] == i)
+            h = act(F.linear(x[b][token_idx], inp.w1[i], inp.b1[i]))
+            results[b][token_idx] += weights[b][token_idx, nth_expert, None] * F.linear(h, inp.w2[i], inp.b2[i])
+    return results, balance, z
+
+
+def grouped_mm_forward(inp: Inputs, shape: Shape) -> tuple[Tensor, Tensor, Tensor]:
+    """Sorted dispatch: argsort of the expert ids, gather, two torch.nn.functional.grouped_mm, weighted scatter-add."""
+    x, act, k = inp.x, ACT[shape.activation], shape.top_k
+    weights, experts, balance, z = cumo_routing(x, inp.gate, k)
+    x2 = x.reshape(-1, shape.d_in)
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tok = order // k
+    ids = flat[order]
+    # Counts by scatter-add, not bincount (whose data-dependent output size syncs with the host on CUDA).
+    counts = torch.zeros(shape.experts, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    h = F.grouped_mm(x2[tok], inp.w1.transpose(1, 2), offs=offs) + inp.b1[ids]
+    y = F.grouped_mm(act(h), inp.w2.transpose(1, 2), offs=offs) + inp.b2[ids]
+    y = y * weights.reshape(-1)[order, None]
+    out = torch.zeros(x2.shape[0], shape.d_out, device=x.device, dtype=x.dtype).index_add_(0, tok, y)
+    return out.view(*x.shape[:-1], shape.d_out), balance, z
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Provider:
+    name: str
+    # (shape, inputs) -> (y, balance, z) with autograd; None for dense (its own callables)
+    forward: Callable[[Inputs, Shape], tuple[Tensor, Tensor, Tensor]] | None
+    refusal: Callable[[Shape, torch.device, torch.dtype], str | None] = lambda s, d, t: None
+    is_dense: bool = False
+
+
+def _grads_of(outs: tuple[Tensor, Tensor, Tensor], inp: Inputs) -> list[Tensor | None]:
+    y, bal, z = outs
+    one_b, one_z = torch.ones_like(bal), torch.ones_like(z)
+    return list(torch.autograd.grad([y, bal, z], inp.params(), [inp.dy, one_b, one_z], allow_unused=True))
+
+
+def make_call(provider: Provider, shape: Shape, inp: Inputs, pass_: str) -> Callable[[], object]:
+    """The zero-argument callable that the timer runs for one (provider, shape, pass)."""
+    if provider.is_dense:
+        return _dense_call(shape, inp, pass_)
+    fwd = provider.forward
+    assert fwd is not None
+    if pass_ == "fwd":
+
+        def run_fwd() -> object:
+            with torch.no_grad():
+                return fwd(inp, shape)
+
+        return run_fwd
+    for t in inp.params():
+        t.requires_grad_(True)
+
+    def run_fwd_bwd() -> object:
+        return _grads_of(fwd(inp, shape), inp)
+
+    return run_fwd_bwd
+
+
+def _dense_call(shape: Shape, inp: Inputs, pass_: str) -> Callable[[], object]:
+    """Dense GEMMs of the same FLOPs: x[T*k, in] @ W1^T, act, @ W2^T (torch.mm; backward via autograd)."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    m = shape.tokens * shape.top_k
+    dev, dt = inp.x.device, inp.x.dtype
+
+    def rnd(*size: int, scale: float = 1.0) -> Tensor:
+        return (torch.randn(*size, generator=g) * scale).to(device=dev, dtype=dt)
+
+    xd = rnd(m, shape.d_in)
+    w1 = rnd(shape.d_in, shape.hidden, scale=shape.d_in**-0.5)  # W1^T
+    w2 = rnd(shape.hidden, shape.d_out, scale=shape.hidden**-0.5)  # W2^T
+    dy = rnd(m, shape.d_out)
+    act = ACT[shape.activation]
+
+    def fwd() -> Tensor:
+        return torch.mm(act(torch.mm(xd, w1)), w2)
+
+    if pass_ == "fwd":
+
+        def run_fwd() -> object:
+            with torch.no_grad():
+                return fwd()
+
+        return run_fwd
+    for t in (xd, w1, w2):
+        t.requires_grad_(True)
+
+    def run_fwd_bwd() -> object:
+        return torch.autograd.grad(fwd(), [xd, w1, w2], dy)
+
+    return run_fwd_bwd
+
+
+# --------------------------------------------------------------------------------------------
+# cumo_kernels
+
+
+def _cumo_backends(device: torch.device) -> tuple[list[str], str | None]:
+    """cumo_kernels.available_backends(device), or ([], why cumo_kernels cannot be imported)."""
+    try:
+        import cumo_kernels
+    except Exception as exc:  # the benchmark still runs its baselines
+        return [], f"cumo_kernels does not import: {type(exc).__name__}: {exc}"
+    try:
+        return list(cumo_kernels.available_backends(device)), None
+    except TypeError:  # an older signature without the device argument
+        return list(cumo_kernels.available_backends()), None
+
+
+def _cumo_provider(backend: str) -> Provider:
+    def forward(inp: Inputs, shape: Shape) -> tuple[Tensor, Tensor, Tensor]:
+        import cumo_kernels
+
+        return cumo_kernels.moe_mlp(
+            inp.x,
+            inp.gate,
+            inp.w1,
+            inp.b1,
+            inp.w2,
+            inp.b2,
+            top_k=shape.top_k,
+            activation=shape.activation,
+            backend=backend,
+        )
+
+    return Provider(f"cumo-{backend}", forward)
+
+
+def _grouped_mm_refusal(shape: Shape, device: torch.device, dtype: torch.dtype) -> str | None:
+    if not hasattr(F, "grouped_mm"):
+        return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm (needs torch >= 2.9)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Peer libraries: only when importable, never failing otherwise.
+
+
+def _scattermoe_provider() -> Provider:
+    def refusal(shape: Shape, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cuda":
+            return "scattermoe runs on CUDA only"
+        if shape.d_out != shape.d_in:
+            return "scattermoe's MLP maps in -> hidden -> in (out must equal in)"
+        return None
+
+    cache: dict[int, object] = {}
+
+    def forward(inp: Inputs, shape: Shape) -> tuple[Tensor, Tensor, Tensor]:
+        from scattermoe.mlp import MLP  # type: ignore[import-not-found]
+
+        key = id(inp)
+        if key not in cache:
+            mlp = MLP(shape.d_in, shape.hidden, shape.experts, shape.top_k, activation=ACT[shape.activation])
+            mlp = mlp.to(device=inp.x.device, dtype=inp.x.dtype)
+            cache.clear()
+            cache[key] = mlp
+        mlp = cache[key]
+        weights, experts, balance, z = cumo_routing(inp.x, inp.gate, shape.top_k)
+        x2 = inp.x.reshape(-1, shape.d_in)
+        y = mlp(x2, weights.reshape(-1, shape.top_k), experts.reshape(-1, shape.top_k))  # type: ignore[operator]
+        return y.view_as(inp.x), balance, z
+
+    return Provider("scattermoe", forward, refusal)
+
+
+def _megablocks_provider() -> Provider:
+    def refusal(shape: Shape, device: torch.device, dtype: torch.dtype) -> str | None:
+        return "megablocks is importable, but no adapter is written (it routes with its own Megatron-style layer)"
+
+    return Provider("megablocks", None, refusal)
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+
+ALL_NAMES = (
+    "cumo-cuda",
+    "cumo-triton",
+    "cumo-torch",
+    "cumo-auto",
+    "cumo-loop",
+    "grouped_mm",
+    "dense",
+    "scattermoe",
+    "megablocks",
+)
+
+
+def providers_for(device: torch.device, wanted: list[str] | None) -> tuple[list[Provider], list[tuple[str, str]]]:
+    """The providers to run on `device` (in ALL_NAMES order) and (name, reason) of those left out."""
+    out: list[Provider] = []
+    left: list[tuple[str, str]] = []
+    explicit = wanted is not None
+    names = list(ALL_NAMES) if wanted is None else wanted
+    unknown = [n for n in names if n not in ALL_NAMES]
+    if unknown:
+        raise ValueError(f"--providers: unknown {', '.join(unknown)}; known: {', '.join(ALL_NAMES)}")
+    backends, why_not = _cumo_backends(device)
+    for name in ALL_NAMES:
+        if name not in names:
+            continue
+        if name.startswith("cumo-") and name != "cumo-loop":
+            backend = name.removeprefix("cumo-")
+            if why_not is not None:
+                left.append((name, why_not))
+            elif backend == "auto" or backend in backends:
+                if backend == "triton" and device.type == "cpu" and not explicit:
+                    left.append((name, "triton on CPU is the interpreter (timings meaningless); ask with --providers"))
+                else:
+                    out.append(_cumo_provider(backend))
+            else:
+                left.append((name, f"cumo_kernels.available_backends({device.type!r}) = {backends} lacks {backend!r}"))
+        elif name == "cumo-loop":
+            out.append(Provider(name, loop_forward))
+        elif name == "grouped_mm":
+            out.append(Provider(name, grouped_mm_forward, _grouped_mm_refusal))
+        elif name == "dense":
+            out.append(Provider(name, None, is_dense=True))
+        elif name == "scattermoe":
+            if _importable("scattermoe"):
+                out.append(_scattermoe_provider())
+            elif explicit:
+                left.append((name, "scattermoe is not importable"))
+        elif name == "megablocks":
+            if _importable("megablocks"):
+                out.append(_megablocks_provider())
+            elif explicit:
+                left.append((name, "megablocks is not importable"))
+    return out, left

@@ -1,0 +1,128 @@
+"""Benchmark shapes (DESIGN.md, "Benchmark shapes") and the command-line shape parser.
+
+A shape is one call of the MoE MLP block: T tokens in B samples of N = T / B tokens
+(x is [B, N, in]), `in` -> `hidden` -> `out` features, E experts, top-k, an activation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "silu", "relu")
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    tokens: int  # T = samples * tokens per sample
+    d_in: int
+    hidden: int
+    d_out: int
+    experts: int
+    top_k: int
+    activation: str
+    samples: int = 1  # B; x is [B, T // B, in]
+    unsupported: str | None = None  # why this shape cannot run (skipped with this message)
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.tokens // self.samples
+
+    def flops(self, pass_: str) -> float:
+        """2*T*k*(in*hidden + hidden*out) forward; forward + backward three times that."""
+        fwd = 2.0 * self.tokens * self.top_k * (self.d_in * self.hidden + self.hidden * self.d_out)
+        return fwd if pass_ == "fwd" else 3.0 * fwd
+
+    def min_bytes(self, elem: int) -> float:
+        """Fewest bytes the forward must move: x, gate, weights and biases read once, y written once."""
+        e = self.experts
+        n = self.tokens * self.d_in + e * self.d_in  # x, gate
+        n += e * (self.hidden * self.d_in + self.hidden + self.d_out * self.hidden + self.d_out)
+        n += self.tokens * self.d_out  # y
+        return float(n * elem)
+
+    def describe(self) -> str:
+        return (
+            f"T={self.tokens} ({self.samples}x{self.tokens_per_sample}) in={self.d_in} hidden={self.hidden} "
+            f"out={self.d_out} E={self.experts} k={self.top_k} {self.activation}"
+        )
+
+
+# name: tokens T (samples x tokens per sample), in, hidden, out, E, k, activation
+NAMED: dict[str, Shape] = {
+    s.name: s
+    for s in (
+        # CLIP ViT-L/14-336 encoder MLP: samples of 577 tokens.
+        Shape("clip-train", 23_080, 1024, 4096, 1024, 4, 2, "quick_gelu", samples=40),
+        Shape("clip-infer", 5_770, 1024, 4096, 1024, 4, 2, "quick_gelu", samples=10),
+        Shape("clip-train-crops", 20_772, 1024, 4096, 1024, 4, 2, "quick_gelu", samples=36),
+        Shape("clip-train-whole", 2_308, 1024, 4096, 1024, 4, 2, "quick_gelu", samples=4),
+        # MLP connector: samples of 576 tokens.
+        Shape("connector-train", 2_304, 2048, 4096, 4096, 4, 2, "gelu", samples=4),
+        Shape("connector-infer", 576, 2048, 4096, 4096, 4, 2, "gelu", samples=1),
+        Shape(
+            "mixtral",
+            4_096,
+            4096,
+            14336,
+            4096,
+            8,
+            2,
+            "swiglu",
+            samples=1,
+            unsupported="swiglu needs a gated weight layout that moe_mlp does not have yet",
+        ),
+    )
+}
+
+# mixtral is listed so that its skip line (and reason) shows in every default GPU run.
+DEFAULT_GPU = (
+    "clip-train",
+    "clip-infer",
+    "clip-train-crops",
+    "clip-train-whole",
+    "connector-train",
+    "connector-infer",
+    "mixtral",
+)
+# On a CPU the training shapes take minutes per provider: the default is the two inference shapes.
+DEFAULT_CPU = ("clip-infer", "connector-infer")
+
+
+def parse_shape(text: str, samples: int = 1) -> Shape:
+    """`T,in,hidden,out,E,k,act` -> Shape (x is [samples, T // samples, in])."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 7:
+        raise ValueError(f"--shape {text!r}: expected T,in,hidden,out,E,k,act (7 fields), got {len(parts)}")
+    try:
+        t, d_in, hidden, d_out, e, k = (int(p) for p in parts[:6])
+    except ValueError as exc:
+        raise ValueError(f"--shape {text!r}: the first six fields must be integers") from exc
+    act = parts[6]
+    if act not in ACTIVATIONS:
+        raise ValueError(f"--shape {text!r}: activation {act!r} not in {', '.join(ACTIVATIONS)}")
+    if min(t, d_in, hidden, d_out, e, k, samples) < 1:
+        raise ValueError(f"--shape {text!r}: every size must be >= 1")
+    if k > e:
+        raise ValueError(f"--shape {text!r}: top-k {k} > experts {e}")
+    if t % samples:
+        raise ValueError(f"--shape {text!r}: T={t} is not a multiple of --samples {samples}")
+    name = f"custom-{t}x{d_in}x{hidden}x{d_out}-E{e}k{k}-{act}"
+    return Shape(name, t, d_in, hidden, d_out, e, k, act, samples=samples)
+
+
+def quick(shape: Shape) -> Shape:
+    """A tiny version of a shape for smoke tests: dims / 16, at most 2 samples of N / 32 tokens."""
+    if shape.unsupported:
+        return shape
+    samples = min(shape.samples, 2)
+    n = max(shape.tokens_per_sample // 32, 4)
+    return replace(
+        shape,
+        name=shape.name + "@quick",
+        tokens=samples * n,
+        samples=samples,
+        d_in=max(shape.d_in // 16, 4),
+        hidden=max(shape.hidden // 16, 4),
+        d_out=max(shape.d_out // 16, 4),
+    )

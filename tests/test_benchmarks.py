@@ -1,0 +1,162 @@
+"""The benchmark CLI and the GPU suite's tooling, as far as a CPU allows.
+
+The GPU timings themselves can only come from a lent GPU (benchmarks/gpu_suite.sh); here we
+check that the CLI runs end to end on the CPU path, that every provider computes the same
+block, that the result file passes its schema (and the schema rejects broken files), and that
+the suite's log parsers never call a refused or unfinished sanitizer run "clean".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import schema, suite_tools
+from benchmarks.cli import junit_counts
+from benchmarks.cli import main as bench_main
+from benchmarks.providers import grouped_mm_forward, loop_forward, make_inputs
+from benchmarks.shapes import NAMED, parse_shape, quick
+from benchmarks.timing import bench_interleaved
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cli_quick_cpu_writes_valid_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = bench_main(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--shapes",
+            "connector-infer",
+            "--providers",
+            "cumo-torch,cumo-loop,grouped_mm,dense",
+            "--reps",
+            "1",
+            "--no-ceilings",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "No CUDA device in use" in text and "GPU figures need a GPU" in text
+    doc = json.loads(out.read_text())
+    assert schema.validate(doc) == []
+    assert doc["complete"] is True and doc["device_type"] == "cpu"
+    rows = {(r["pass"], r["provider"]) for r in doc["results"]}
+    for p in ("fwd", "fwd+bwd"):
+        for prov in ("cumo-torch", "cumo-loop", "grouped_mm", "dense"):
+            assert (p, prov) in rows, (p, prov)
+    for r in doc["results"]:
+        assert r["ms"] > 0 and r["tflops"] > 0
+        if r["pass"] == "fwd" and r["provider"] != "dense":
+            assert r["rel_err_vs_loop"] < 1e-5, r
+
+
+def test_schema_rejects_broken_documents():
+    good = {
+        "device": "x",
+        "torch": "2",
+        "triton": None,
+        "cuda": None,
+        "commit": "abc",
+        "date": "2026-11-23T00:00:00+00:00",
+        "ceilings": {"matmul_tflops": 1.0, "copy_gbps": 1.0},
+        "tests": None,
+        "sanitizer": None,
+        "results": [{"shape": "s", "pass": "fwd", "provider": "p", "ms": 1.0, "tflops": 1.0, "peak_mem_gib": None}],
+    }
+    assert schema.validate(good) == []
+    for key, bad in (
+        ("date", "yesterday"),
+        ("commit", ""),
+        ("results", [{"shape": "s", "pass": "sideways", "provider": "p", "ms": 1.0, "tflops": 1.0}]),
+    ):
+        doc = dict(good, **{key: bad})
+        assert schema.validate(doc), f"{key}={bad!r} accepted"
+    doc = dict(good)
+    del doc["triton"]
+    assert schema.validate(doc)
+    assert schema.validate([1, 2])
+
+
+def test_baselines_match_the_loop():
+    """grouped_mm's sorted dispatch computes CuMo's block (y and both losses)."""
+    shape = quick(NAMED["clip-infer"])
+    inp = make_inputs(shape, torch.float32, torch.device("cpu"))  # grouped_mm takes no float64
+    y0, b0, z0 = loop_forward(inp, shape)
+    y1, b1, z1 = grouped_mm_forward(inp, shape)
+    assert float((y1 - y0).norm() / y0.norm()) < 1e-5
+    torch.testing.assert_close(b1, b0)
+    torch.testing.assert_close(z1, z0)
+
+
+def test_parse_shape_and_errors():
+    s = parse_shape("64,32,48,40,4,2,silu", 2)
+    assert (s.tokens, s.d_in, s.hidden, s.d_out, s.experts, s.top_k, s.activation, s.samples) == (
+        64,
+        32,
+        48,
+        40,
+        4,
+        2,
+        "silu",
+        2,
+    )
+    with pytest.raises((ValueError, SystemExit)):
+        parse_shape("64,32,48", 1)
+
+
+def test_bench_interleaved_times_every_callable():
+    calls = []
+    out = bench_interleaved([lambda: calls.append(0), lambda: calls.append(1)], reps=3)
+    assert len(out) == 2 and all(ms >= 0 for ms in out)
+    assert calls.count(0) == 3 and calls.count(1) == 3
+
+
+def test_junit_and_sanitizer_records(tmp_path):
+    junit = tmp_path / "j.xml"
+    junit.write_text('<testsuites><testsuite tests="10" failures="1" errors="1" skipped="3"/></testsuites>')
+    rec = junit_counts(str(junit))
+    assert (rec["passed"], rec["failed"], rec["skipped"]) == (5, 2, 3)
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "sanitizer-memcheck.log").write_text("SANITIZE_CASE OK\n========= ERROR SUMMARY: 0 errors\n")
+    (logs / "sanitizer-memcheck.rc").write_text("0\n")
+    (logs / "sanitizer-racecheck.log").write_text("========= Error: Device not supported\n")
+    (logs / "sanitizer-racecheck.rc").write_text("1\n")
+    (logs / "sanitizer-initcheck.log").write_text("SANITIZE_CASE OK\n========= ERROR SUMMARY: 2 errors\n")
+    (logs / "sanitizer-initcheck.rc").write_text("99\n")
+    assert suite_tools.sanitizer_record(str(logs), "memcheck")["status"] == "clean"
+    assert suite_tools.sanitizer_record(str(logs), "racecheck")["status"] == "skipped"
+    assert suite_tools.sanitizer_record(str(logs), "initcheck")["status"] == "errors"
+    (logs / "sanitizer-memcheck.log").write_text("========= ERROR SUMMARY: 0 errors\n")  # the case crashed
+    assert suite_tools.sanitizer_record(str(logs), "memcheck")["status"] == "failed"
+    assert suite_tools.sanitizer_record(str(tmp_path / "none"), "memcheck")["status"] == "not run"
+
+
+def test_gpu_suite_dry_run(tmp_path):
+    """Without a GPU the suite says so, runs a CPU smoke benchmark, and writes a valid result file."""
+    script = os.path.join(REPO, "benchmarks", "gpu_suite.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    env = dict(os.environ, GPU_SUITE_DRY="1", PYTHON=sys.executable, CUMO_COMMIT="test")
+    proc = subprocess.run(
+        ["bash", script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "DRY RUN" in proc.stdout
+    files = set(os.listdir(tmp_path))
+    required = {"logs.tar.gz", "results.json", "summary.txt"}
+    assert required <= files <= required | {"plot.png"}, files  # the plot needs matplotlib
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert schema.validate(doc) == []
+    assert doc["commit"] == "test"
+    assert "no GPU" in (tmp_path / "summary.txt").read_text()
