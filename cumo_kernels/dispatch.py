@@ -59,7 +59,10 @@ def _module_backend(name: str, module: str) -> Backend:
             return f"the {name} backend cannot be imported: {exc}"
         except ImportError as exc:
             return f"the {name} backend cannot be imported: {exc}"
-        return mod.refusal(device_type)
+        check = getattr(mod, "refusal", None)
+        if check is None:
+            return f"{module} defines no refusal(device_type) (an incomplete installation?)"
+        return check(device_type)
 
     return Backend(name, refusal, load)
 
