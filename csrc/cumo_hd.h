@@ -1,0 +1,249 @@
+// Host-and-device helpers of cumo_kernels._cuda: the index math, the top-k tie rule, the
+// offsets / sort-order plan, the tile schedule and problem-list compaction of the grouped GEMM,
+// the rounding points of the routing math and the activations.
+//
+// Everything here is `__host__ __device__`: the kernels call it on the GPU, and the `host_*`
+// functions of the module (host_tests.cu) call the very same code on host arrays, so CI proves
+// it against the torch reference on a machine without a GPU.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define CUMO_HD __host__ __device__ __forceinline__
+
+namespace cumo {
+
+// dtype codes shared with cumo_kernels/cuda.py
+enum Dtype : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// activation codes shared with cumo_kernels/cuda.py
+enum Act : int { kNone = 0, kQuickGelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kRelu = 5 };
+
+// The routing kernels keep one token's E scores in registers: E is at most this (checked in
+// Python, which falls back under `auto`).
+constexpr int kMaxExperts = 64;
+
+// ------------------------------------------------------------------------------ rounding points
+
+// v rounded to the activation dtype (round-to-nearest-even), returned as float.
+CUMO_HD float round_to(float v, int dtype) {
+  if (dtype == kF16) return __half2float(__float2half_rn(v));
+  if (dtype == kBF16) return __bfloat162float(__float2bfloat16_rn(v));
+  return v;
+}
+
+// ------------------------------------------------------------------------------ top-k tie rule
+
+// True when score a (expert ia) ranks before score b (expert ib) in a descending order: larger
+// first, NaN above everything (as torch.sort), equal scores: the lower expert index first.
+CUMO_HD bool ranks_before(float a, int ia, float b, int ib) {
+  const bool an = a != a, bn = b != b;
+  if (an || bn) return (an && bn) ? ia < ib : an;
+  if (a != b) return a > b;
+  return ia < ib;
+}
+
+// ids[0..k) = the k best of scores[0..E), best first (ranks_before). E <= kMaxExperts.
+CUMO_HD void topk_select(const float* scores, int E, int k, int* ids) {
+  uint64_t taken = 0;
+  for (int j = 0; j < k; ++j) {
+    int best = -1;
+    for (int i = 0; i < E; ++i) {
+      if ((taken >> i) & 1ull) continue;
+      if (best < 0 || ranks_before(scores[i], i, scores[best], best)) best = i;
+    }
+    ids[j] = best;
+    taken |= 1ull << best;
+  }
+}
+
+// ------------------------------------------------------------------------- routing, one token
+
+// Forward of one token (CUMO.md, "Routing and the auxiliary losses"): logits l[0..E) already in
+// float32 (read from the activation dtype). Writes probs[0..E) (float32 softmax rounded to the
+// activation dtype), ids[0..k), weights[0..k) (renormalised, rounded to the activation dtype)
+// and returns logsumexp(l) in float32.
+CUMO_HD float route_token(const float* l, int E, int k, int dtype, float* probs, int* ids, float* weights) {
+  float m = l[0];
+  for (int e = 1; e < E; ++e) m = fmaxf(m, l[e]);
+  float s = 0.f;
+  for (int e = 0; e < E; ++e) s += expf(l[e] - m);
+  for (int e = 0; e < E; ++e) probs[e] = round_to(expf(l[e] - m) / s, dtype);
+  topk_select(probs, E, k, ids);
+  float sum = 0.f;
+  for (int j = 0; j < k; ++j) sum += probs[ids[j]];
+  sum = round_to(sum, dtype);  // the sum of the selected probabilities, in the activation dtype
+  for (int j = 0; j < k; ++j) weights[j] = round_to(probs[ids[j]] / sum, dtype);
+  return m + logf(s);
+}
+
+// Backward of one token: gradient of (weights, this sample's prob_sums row, z_sums) with respect
+// to the logits, in float32 (the caller rounds). gw[0..k), gp[0..E) (the token's sample row), gz.
+// The rounding to the activation dtype passes gradients unchanged; the choice carries none.
+CUMO_HD void route_token_backward(const float* l, int E, int k, int dtype, const int* ids, const float* gw,
+                                  const float* gp, float gz, float* dl) {
+  float m = l[0];
+  for (int e = 1; e < E; ++e) m = fmaxf(m, l[e]);
+  float s = 0.f;
+  for (int e = 0; e < E; ++e) s += expf(l[e] - m);
+  const float lse = m + logf(s);
+  float p[kMaxExperts];
+  for (int e = 0; e < E; ++e) p[e] = expf(l[e] - m) / s;
+  float sel_sum = 0.f;
+  for (int j = 0; j < k; ++j) sel_sum += round_to(p[ids[j]], dtype);
+  float dot = 0.f;  // sum_j gw_j * w_j
+  for (int j = 0; j < k; ++j) dot += gw[j] * (round_to(p[ids[j]], dtype) / sel_sum);
+  for (int e = 0; e < E; ++e) dl[e] = gp[e];  // dprobs
+  for (int j = 0; j < k; ++j) dl[ids[j]] += (gw[j] - dot) / sel_sum;
+  float pd = 0.f;
+  for (int e = 0; e < E; ++e) pd += dl[e] * p[e];
+  for (int e = 0; e < E; ++e) dl[e] = p[e] * (dl[e] - pd) + 2.f * lse * gz * p[e];
+}
+
+// --------------------------------------------------------------- offsets and sort order (plan)
+
+// Slots (t, j) are grouped by expert, stable in slot order. The slots are cut into chunks of
+// `chunk` slots; chunk c counts its slots per expert (counts[c*E + e]); then
+//   offsets[e] = sum of all counts of experts < e,
+//   base[c*E + e] = offsets[e] + sum over chunks c' < c of counts[c'*E + e],
+// and slot i of chunk c with expert e goes to row base[c*E + e] + (slots of expert e before i in c).
+
+// An expert id made safe to index with: out-of-range ids (a caller's bug) go to the last expert
+// rather than writing out of bounds.
+CUMO_HD int clamp_expert(int64_t id, int E) { return id < 0 ? 0 : (id >= E ? E - 1 : static_cast<int>(id)); }
+
+// offsets[0..E] from the per-chunk counts, summing over chunks in order.
+CUMO_HD void plan_offsets(const int* counts, int chunks, int E, int64_t* offsets) {
+  int64_t run = 0;
+  for (int e = 0; e < E; ++e) {
+    offsets[e] = run;
+    for (int c = 0; c < chunks; ++c) run += counts[c * E + e];
+  }
+  offsets[E] = run;
+}
+
+// base[c*E + e] for one expert e (the device runs one thread per expert).
+CUMO_HD void plan_bases(const int* counts, int chunks, int E, int e, int64_t offset_e, int64_t* base) {
+  int64_t run = offset_e;
+  for (int c = 0; c < chunks; ++c) {
+    base[c * E + e] = run;
+    run += counts[c * E + e];
+  }
+}
+
+// Rank of slot `pos` among the slots of its chunk with the same expert (chunk_ids: the chunk's
+// clamped expert ids).
+CUMO_HD int rank_in_chunk(const int* chunk_ids, int pos) {
+  const int e = chunk_ids[pos];
+  int r = 0;
+  for (int i = 0; i < pos; ++i) r += chunk_ids[i] == e;
+  return r;
+}
+
+// The token a grouped row comes from (sort_idx holds flat slots t*k + j).
+CUMO_HD int64_t token_of_slot(int64_t slot, int k) { return slot / k; }
+
+// ------------------------------------------------------- grouped GEMM: schedule and compaction
+
+// Row-tile schedule: tiles[e] = number of tiles of bm rows before expert e; tiles[E] = total.
+// Experts without rows get no tile: they never reach a GEMM (DESIGN.md).
+CUMO_HD void build_tile_schedule(const int64_t* offsets, int E, int bm, int* tiles) {
+  int run = 0;
+  for (int e = 0; e < E; ++e) {
+    tiles[e] = run;
+    const int64_t rows = offsets[e + 1] - offsets[e];
+    run += rows > 0 ? static_cast<int>((rows + bm - 1) / bm) : 0;
+  }
+  tiles[E] = run;
+}
+
+// The expert owning global tile `tile` (tiles[e] <= tile < tiles[e+1], skipping empty experts),
+// or -1 when tile >= tiles[E] (the grid is launched for an upper bound of the tile count).
+CUMO_HD int find_tile_expert(const int* tiles, int E, int tile) {
+  if (tile >= tiles[E]) return -1;
+  int lo = 0, hi = E - 1;  // the last e with tiles[e] <= tile
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (tiles[mid] <= tile)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+// An upper bound of the tile count that the host knows without reading offsets.
+CUMO_HD int max_tiles(int64_t rows, int E, int bm) { return static_cast<int>((rows + bm - 1) / bm) + E; }
+
+// Problem-list compaction: experts[0..n) = the experts with rows, in order, rows[i] their row
+// counts, starts[i] their first rows; returns n. (The CUTLASS paths take this list.)
+CUMO_HD int compact_problems(const int64_t* offsets, int E, int* experts, int64_t* rows, int64_t* starts) {
+  int n = 0;
+  for (int e = 0; e < E; ++e) {
+    const int64_t r = offsets[e + 1] - offsets[e];
+    if (r > 0) {
+      experts[n] = e;
+      rows[n] = r;
+      starts[n] = offsets[e];
+      ++n;
+    }
+  }
+  return n;
+}
+
+// 16-byte alignment of an operand: its address and its row pitch in bytes.
+CUMO_HD bool aligned16(uint64_t address, int64_t row_elems, int elem_bytes) {
+  return address % 16 == 0 && (row_elems * elem_bytes) % 16 == 0;
+}
+
+// ------------------------------------------------------------------------------ activations
+
+CUMO_HD float sigmoidf_(float v) { return 1.f / (1.f + expf(-v)); }
+
+CUMO_HD float act_apply(float v, int act) {
+  switch (act) {
+    case kQuickGelu:
+      return v * sigmoidf_(1.702f * v);
+    case kGelu:
+      return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    case kGeluTanh: {
+      const float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
+      return 0.5f * v * (1.f + tanhf(inner));
+    }
+    case kSilu:
+      return v / (1.f + expf(-v));
+    case kRelu:
+      return v > 0.f ? v : 0.f;
+    default:
+      return v;
+  }
+}
+
+CUMO_HD float act_derivative(float v, int act) {
+  switch (act) {
+    case kQuickGelu: {
+      const float s = sigmoidf_(1.702f * v);
+      return s + 1.702f * v * s * (1.f - s);
+    }
+    case kGelu:
+      return 0.5f * (1.f + erff(v * 0.70710678118654752f)) + v * expf(-0.5f * v * v) * 0.39894228040143268f;
+    case kGeluTanh: {
+      const float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
+      const float t = tanhf(inner);
+      const float dinner = 0.79788456080286536f * (1.f + 3.f * 0.044715f * v * v);
+      return 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * dinner;
+    }
+    case kSilu: {
+      const float s = sigmoidf_(v);
+      return s * (1.f + v * (1.f - s));
+    }
+    case kRelu:
+      return v > 0.f ? 1.f : 0.f;
+    default:
+      return 1.f;
+  }
+}
+
+}  // namespace cumo

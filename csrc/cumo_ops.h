@@ -1,0 +1,71 @@
+// The functions of cumo_kernels._cuda, as the host compiler sees them (bindings.cpp includes
+// only this). Pointers are device addresses as integers, `stream` a cudaStream_t as an integer,
+// `dtype` a code (0 float32, 1 float16, 2 bfloat16), `act` an activation code (cumo_hd.h). All
+// tensors are contiguous row-major; Python (cumo_kernels/cuda.py) allocates and checks them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace cumo {
+
+using u64 = uint64_t;
+using i64 = int64_t;
+
+// Throws "no CUDA device is available" where there is none; else returns the device count.
+int device_count();
+// Compute capability major*10+minor of `device` (throws without a device).
+int device_capability(int device);
+// What this build contains: archs, CUTLASS paths.
+std::string build_info();
+
+// routing.cu
+void route_forward(u64 logits, i64 T, int E, int k, int B, int dtype, u64 weights, u64 ids, u64 prob_sums,
+                   u64 first_counts, u64 z_sums, u64 workspace, u64 stream, int device);
+void route_backward(u64 grad_weights, u64 grad_prob_sums, u64 grad_z_sums, u64 logits, u64 ids, i64 T, int E,
+                    int k, int B, int dtype, u64 grad_logits, u64 stream, int device);
+
+// permute.cu
+i64 permute_workspace_bytes(i64 slots, int E);
+void permute_forward(u64 x, u64 ids, i64 T, int k, i64 H, int E, int dtype, u64 x_sorted, u64 sort_idx, u64 offsets,
+                     u64 workspace, u64 stream, int device);
+void permute_backward(u64 grad_sorted, u64 sort_idx, i64 T, int k, i64 H, int dtype, u64 grad_x, u64 workspace,
+                      u64 stream, int device);
+void unpermute_forward(u64 y_sorted, u64 sort_idx, u64 weights, i64 T, int k, i64 N, int dtype, u64 out,
+                       u64 workspace, u64 stream, int device);
+void unpermute_backward(u64 grad_out, u64 y_sorted, u64 sort_idx, u64 weights, i64 T, int k, i64 N, int dtype,
+                        u64 grad_y_sorted, u64 grad_weights, u64 workspace, u64 stream, int device);
+
+// grouped_gemm.cu
+i64 gemm_workspace_bytes(i64 M, int E);
+// cutlass_*.cu: whether a CUTLASS grouped GEMM for compute capability `cc` and `dtype` is built.
+bool cutlass_supports(int cc, int dtype);
+void grouped_linear_forward(u64 x, u64 weight, u64 bias, u64 offsets, i64 M, i64 K, i64 N, int E, int dtype,
+                            int act, u64 y, u64 pre, u64 workspace, bool use_cutlass, u64 stream, int device);
+void grouped_linear_backward(u64 grad_y, u64 x, u64 weight, u64 offsets, u64 pre, i64 M, i64 K, i64 N, int E,
+                             int dtype, int act, u64 grad_x, u64 grad_w, u64 grad_b, u64 grad_pre, u64 workspace,
+                             bool use_cutlass, u64 stream, int device);
+
+// host_tests.cu: the __host__ __device__ helpers run on host arrays (CI checks them on the CPU).
+struct HostRoute {
+  std::vector<float> weights, prob_sums, first_counts, z_sums;
+  std::vector<int64_t> ids;
+};
+HostRoute host_route(const std::vector<float>& logits, int T, int E, int k, int B, int dtype);
+std::vector<float> host_route_backward(const std::vector<float>& logits, const std::vector<int64_t>& ids,
+                                       const std::vector<float>& grad_weights,
+                                       const std::vector<float>& grad_prob_sums,
+                                       const std::vector<float>& grad_z_sums, int T, int E, int k, int B, int dtype);
+std::vector<int> host_topk(const std::vector<float>& scores, int k);
+// (sort_idx, offsets) of the permutation plan, computed chunk by chunk as the device does.
+std::pair<std::vector<int64_t>, std::vector<int64_t>> host_permute_plan(const std::vector<int64_t>& ids, int E,
+                                                                         int chunk);
+std::vector<int> host_tile_schedule(const std::vector<int64_t>& offsets, int bm);
+int host_find_tile_expert(const std::vector<int>& tiles, int tile);
+std::vector<std::vector<int64_t>> host_compact_problems(const std::vector<int64_t>& offsets);
+bool host_aligned16(u64 address, i64 row_elems, int elem_bytes);
+float host_round_to(float v, int dtype);
+std::vector<float> host_activation(const std::vector<float>& v, int act, bool derivative);
+
+}  // namespace cumo

@@ -1,0 +1,254 @@
+// Grouped GEMM of the expert layers: forward y = act(x @ W[e]^T + b[e]) on each expert's rows,
+// and the backward (grad_x = g @ W[e], grad_W[e] = g^T @ x, grad_b[e] = sum of g's rows, with
+// g = grad_y * act'(pre)).
+//
+// Path in this file: tiled SIMT kernels of this project (float32 accumulation, any dtype code,
+// any size and alignment, bias and activation fused in the epilogue). The per-expert problem list
+// is built on the device (a row-tile schedule from the offsets, empty experts get no tile), so
+// nothing synchronises with the host. The CUTLASS tensor-core paths (cutlass_sm90.cu,
+// cutlass_sm80.cu) take over where they are built and the operands suit them (cuda.py decides).
+#include "cumo_cuda.h"
+#include "cumo_ops.h"
+#include "cutlass_paths.h"
+
+namespace cumo {
+namespace {
+
+constexpr int BM = 64, BN = 64, BK = 16, kThreads = 256;
+
+__global__ void tile_schedule_kernel(const int64_t* __restrict__ offsets, int E, int bm, int* __restrict__ tiles) {
+  if (threadIdx.x == 0 && blockIdx.x == 0) build_tile_schedule(offsets, E, bm, tiles);
+}
+
+template <typename T>
+__device__ __forceinline__ float round_as(float v) {
+  T tmp;
+  Elem<T>::store(&tmp, 0, v);
+  return Elem<T>::load(&tmp, 0);
+}
+
+// C[r, c] = epilogue(sum_q A[r, q] * B_e(q, c)) for the rows r of expert e, where
+// B_e(q, c) = B[e * strideE + q * sbk + c * sbn]. One block per (row tile of one expert, column tile).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    grouped_rows_gemm_kernel(const T* __restrict__ A, int64_t lda, int64_t Kred, const T* __restrict__ B,
+                             int64_t strideE, int64_t sbk, int64_t sbn, int64_t Ncols, const T* __restrict__ bias,
+                             int act, T* __restrict__ C, T* __restrict__ pre, const int64_t* __restrict__ offsets,
+                             const int* __restrict__ tiles, int E) {
+  const int e = find_tile_expert(tiles, E, blockIdx.x);
+  if (e < 0) return;
+  const int64_t row0 = offsets[e] + static_cast<int64_t>(blockIdx.x - tiles[e]) * BM;
+  const int64_t row_end = offsets[e + 1];
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * BN;
+  const T* Be = B + e * strideE;
+
+  __shared__ float As[BK][BM + 1];
+  __shared__ float Bs[BK][BN + 1];
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  float acc[4][4] = {};
+  for (int64_t q0 = 0; q0 < Kred; q0 += BK) {
+    for (int i = tid; i < BM * BK; i += kThreads) {
+      const int r = i / BK, q = i % BK;  // consecutive threads read along a row of A
+      const int64_t gr = row0 + r, gq = q0 + q;
+      As[q][r] = (gr < row_end && gq < Kred) ? Elem<T>::load(A, gr * lda + gq) : 0.f;
+    }
+    for (int i = tid; i < BN * BK; i += kThreads) {
+      const int c = i / BK, q = i % BK;
+      const int64_t gc = col0 + c, gq = q0 + q;
+      Bs[q][c] = (gc < Ncols && gq < Kred) ? Elem<T>::load(Be, gq * sbk + gc * sbn) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < BK; ++q) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = As[q][ty * 4 + i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = Bs[q][tx * 4 + j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t gr = row0 + ty * 4 + i;
+    if (gr >= row_end) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t gc = col0 + tx * 4 + j;
+      if (gc >= Ncols) continue;
+      float v = acc[i][j];
+      if (bias) v += Elem<T>::load(bias, e * Ncols + gc);
+      if (act != kNone) {
+        Elem<T>::store(pre, gr * Ncols + gc, v);
+        v = act_apply(round_as<T>(v), act);
+      }
+      Elem<T>::store(C, gr * Ncols + gc, v);
+    }
+  }
+}
+
+// grad_W[e][n][c] = sum over expert e's rows r of G[r, n] * X[r, c]; zero for an empty expert.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    grouped_wgrad_kernel(const T* __restrict__ G, const T* __restrict__ X, int64_t N, int64_t K,
+                         const int64_t* __restrict__ offsets, T* __restrict__ grad_w) {
+  const int e = blockIdx.z;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BM, c0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const int64_t r_begin = offsets[e], r_end = offsets[e + 1];
+  __shared__ float Gs[BK][BM + 1];
+  __shared__ float Xs[BK][BN + 1];
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  float acc[4][4] = {};
+  for (int64_t r0 = r_begin; r0 < r_end; r0 += BK) {
+    for (int i = tid; i < BM * BK; i += kThreads) {
+      const int q = i / BM, n = i % BM;  // consecutive threads read along a row of G
+      const int64_t gr = r0 + q, gn = n0 + n;
+      Gs[q][n] = (gr < r_end && gn < N) ? Elem<T>::load(G, gr * N + gn) : 0.f;
+    }
+    for (int i = tid; i < BN * BK; i += kThreads) {
+      const int q = i / BN, c = i % BN;
+      const int64_t gr = r0 + q, gc = c0 + c;
+      Xs[q][c] = (gr < r_end && gc < K) ? Elem<T>::load(X, gr * K + gc) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < BK; ++q) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(Gs[q][ty * 4 + i], Xs[q][tx * 4 + j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t gn = n0 + ty * 4 + i;
+    if (gn >= N) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t gc = c0 + tx * 4 + j;
+      if (gc < K) Elem<T>::store(grad_w, (e * N + gn) * K + gc, acc[i][j]);
+    }
+  }
+}
+
+// grad_b[e][n] = sum over expert e's rows of G[r, n] (one thread per column, rows in order).
+template <typename T>
+__global__ void grouped_bias_grad_kernel(const T* __restrict__ G, int64_t N, const int64_t* __restrict__ offsets,
+                                         T* __restrict__ grad_b) {
+  const int e = blockIdx.y;
+  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (n >= N) return;
+  float acc = 0.f;
+  for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) acc += Elem<T>::load(G, r * N + n);
+  Elem<T>::store(grad_b, e * N + n, acc);
+}
+
+// g = grad_y * act'(pre), rounded to the dtype.
+template <typename T>
+__global__ void act_backward_kernel(const T* __restrict__ grad_y, const T* __restrict__ pre, int64_t n, int act,
+                                    T* __restrict__ g) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) Elem<T>::store(g, i, Elem<T>::load(grad_y, i) * act_derivative(Elem<T>::load(pre, i), act));
+}
+
+void check_gemm_args(int E, int act, i64 M, i64 K, i64 N) {
+  if (E < 1 || E > 65535) throw std::invalid_argument("cumo_kernels._cuda: grouped GEMM needs 1 <= E <= 65535");
+  if (act < kNone || act > kRelu)
+    throw std::invalid_argument("cumo_kernels._cuda: activation code " + std::to_string(act) + " is not in 0..5");
+  if (M < 0 || K < 0 || N < 0) throw std::invalid_argument("cumo_kernels._cuda: negative GEMM size");
+}
+
+int* tile_schedule(const int64_t* offsets, int E, u64 workspace, cudaStream_t s) {
+  int* tiles = ptr<int>(workspace);
+  tile_schedule_kernel<<<1, 32, 0, s>>>(offsets, E, BM, tiles);
+  check_launch("tile_schedule_kernel");
+  return tiles;
+}
+
+}  // namespace
+
+i64 gemm_workspace_bytes(i64 M, int E) {
+  // The SIMT tile schedule (E+1 ints), then the CUTLASS problem list (cutlass_paths.h).
+  const i64 tiles = ((E + 1) * static_cast<i64>(sizeof(int)) + 255) / 256 * 256;
+  return tiles + cutlass_workspace_bytes(M, E);
+}
+
+void grouped_linear_forward(u64 x, u64 weight, u64 bias, u64 offsets, i64 M, i64 K, i64 N, int E, int dtype,
+                            int act, u64 y, u64 pre, u64 workspace, bool use_cutlass, u64 stream, int device) {
+  check_dtype(dtype);
+  check_gemm_args(E, act, M, K, N);
+  DeviceGuard guard(device);
+  if (M == 0 || N == 0) return;
+  cudaStream_t s = as_stream(stream);
+  if (use_cutlass) {
+    const i64 skip = gemm_workspace_bytes(M, E) - cutlass_workspace_bytes(M, E);
+    cutlass_grouped_forward(x, weight, bias, offsets, M, K, N, E, dtype, act, y, pre, workspace + skip, s, device);
+    return;
+  }
+  const int64_t* off = ptr<const int64_t>(offsets);
+  int* tiles = tile_schedule(off, E, workspace, s);
+  const dim3 grid(max_tiles(M, E, BM), grid_for(N, BN));
+  if (grid.y > 65535) throw std::invalid_argument("cumo_kernels._cuda: N too large for the grouped GEMM grid");
+  dispatch_dtype(dtype, [&](auto tag) {
+    using Tp = decltype(tag);
+    grouped_rows_gemm_kernel<Tp><<<grid, kThreads, 0, s>>>(ptr<const Tp>(x), K, K, ptr<const Tp>(weight), N * K, 1,
+                                                           K, N, ptr<const Tp>(bias), act, ptr<Tp>(y), ptr<Tp>(pre),
+                                                           off, tiles, E);
+  });
+  check_launch("grouped_rows_gemm_kernel");
+}
+
+void grouped_linear_backward(u64 grad_y, u64 x, u64 weight, u64 offsets, u64 pre, i64 M, i64 K, i64 N, int E,
+                             int dtype, int act, u64 grad_x, u64 grad_w, u64 grad_b, u64 grad_pre, u64 workspace,
+                             bool use_cutlass, u64 stream, int device) {
+  check_dtype(dtype);
+  check_gemm_args(E, act, M, K, N);
+  DeviceGuard guard(device);
+  cudaStream_t s = as_stream(stream);
+  const int64_t* off = ptr<const int64_t>(offsets);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using Tp = decltype(tag);
+    const Tp* g = ptr<const Tp>(grad_y);
+    if (act != kNone && M * N > 0) {
+      act_backward_kernel<Tp><<<grid_for(M * N, 256), 256, 0, s>>>(g, ptr<const Tp>(pre), M * N, act,
+                                                                   ptr<Tp>(grad_pre));
+      check_launch("act_backward_kernel");
+      g = ptr<const Tp>(grad_pre);
+    }
+    if (grad_b && N > 0) {
+      grouped_bias_grad_kernel<Tp><<<dim3(grid_for(N, 256), E), 256, 0, s>>>(g, N, off, ptr<Tp>(grad_b));
+      check_launch("grouped_bias_grad_kernel");
+    }
+    if (use_cutlass) {
+      const i64 skip = gemm_workspace_bytes(M, E) - cutlass_workspace_bytes(M, E);
+      cutlass_grouped_backward(reinterpret_cast<u64>(g), x, weight, offsets, M, K, N, E, dtype, grad_x, grad_w,
+                               workspace + skip, s, device);
+      return;
+    }
+    if (N > 0 && K > 0) {
+      const dim3 wgrid(grid_for(K, BN), grid_for(N, BM), E);
+      if (wgrid.y > 65535) throw std::invalid_argument("cumo_kernels._cuda: N too large for the wgrad grid");
+      grouped_wgrad_kernel<Tp><<<wgrid, kThreads, 0, s>>>(g, ptr<const Tp>(x), N, K, off, ptr<Tp>(grad_w));
+      check_launch("grouped_wgrad_kernel");
+    }
+    if (M > 0 && K > 0) {
+      if (N == 0) {
+        check_cuda(cudaMemsetAsync(ptr<void>(grad_x), 0, M * K * sizeof(Tp), s), "cudaMemsetAsync");
+        return;
+      }
+      int* tiles = tile_schedule(off, E, workspace, s);
+      const dim3 grid(max_tiles(M, E, BM), grid_for(K, BN));
+      if (grid.y > 65535) throw std::invalid_argument("cumo_kernels._cuda: K too large for the grouped GEMM grid");
+      grouped_rows_gemm_kernel<Tp><<<grid, kThreads, 0, s>>>(g, N, N, ptr<const Tp>(weight), N * K, K, 1, K, nullptr,
+                                                             kNone, ptr<Tp>(grad_x), nullptr, off, tiles, E);
+      check_launch("grouped_rows_gemm_kernel (grad_x)");
+    }
+  });
+}
+
+}  // namespace cumo
