@@ -1,0 +1,99 @@
+"""CuMo's per-expert state-dict keys over stacked expert weights.
+
+The kernels want each MoE block's experts stacked (`w1` [E, hidden, in], `b1` [E, hidden],
+`w2` [E, out, hidden], `b2` [E, out], as `cumo_kernels.nn.MoEMLP` owns them), while CuMo's
+checkpoints hold one `nn.Linear` pair per expert (`experts.{i}.<fc1>.weight`, ...). The modules of
+this package keep the stacked parameters as their only storage and translate at the state-dict
+boundary with two module hooks (torch's public `register_state_dict_post_hook` and
+`register_load_state_dict_pre_hook`):
+
+- saving: the stacked entry is replaced by E per-expert entries, each a view `w1[e]` of it (no copy);
+- loading: CuMo's per-expert entries are stacked once into the stacked entry (the one copy that a
+  load makes anyway); a dict that already holds the stacked names (a dict built from
+  `named_parameters()`, e.g. a consolidated DeepSpeed/FSDP checkpoint) loads as it is.
+
+Why hooks and not a parametrisation: a parametrisation that exposes per-expert `nn.Linear`s would
+need the forward to stack them (a copy per forward), or the stacked tensor to be rebuilt from views
+(autograd would then give per-expert gradients that the kernels do not produce). The hooks cost
+nothing in the forward, keep `named_parameters()` (what optimisers and ZeRO see) stacked, and make
+`state_dict()` / `load_state_dict()` speak CuMo's keys.
+
+The hooks are module-level functions (torch marks public hooks with an attribute, which bound
+methods refuse) that read the module's `_cumo_expert_names`, so modules stay picklable and
+deep-copyable.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import Tensor, nn
+
+# Stacked parameter -> (which of the expert's two linears, weight or bias).
+STACKED = {"w1": (0, "weight"), "b1": (0, "bias"), "w2": (1, "weight"), "b2": (1, "bias")}
+
+
+def expert_key(names: tuple[str, str], e: int, stacked: str) -> str:
+    """CuMo's key (relative to the block) of expert e's slice of a stacked parameter."""
+    which, kind = STACKED[stacked]
+    return f"experts.{e}.{names[which]}.{kind}"
+
+
+def unstack(sd: dict[str, Any], prefix: str, names: tuple[str, str], num_experts: int) -> None:
+    """In place: replace sd[prefix + "w1"|"b1"|"w2"|"b2"] by CuMo's per-expert views, expert by expert."""
+    stacked = {s: sd.pop(prefix + s) for s in STACKED if prefix + s in sd}
+    for e in range(num_experts):
+        for s, t in stacked.items():
+            sd[prefix + expert_key(names, e, s)] = t[e]
+
+
+def stack(sd: dict[str, Any], prefix: str, names: tuple[str, str], num_experts: int, errors: list[str] | None) -> None:
+    """In place: replace CuMo's per-expert entries under `prefix` by the stacked ones.
+
+    A stacked entry is built only when every expert's slice is there; otherwise the per-expert
+    entries stay (and a strict load reports them as unexpected, the stacked name as missing), and
+    `errors` (if given) says which experts are missing.
+    """
+    import torch
+
+    pattern = re.compile(re.escape(prefix) + r"experts\.(\d+)\.(" + "|".join(map(re.escape, names)) + r")\.")
+    if not any(pattern.match(k) for k in sd):
+        return
+    for s in STACKED:
+        keys = [prefix + expert_key(names, e, s) for e in range(num_experts)]
+        present = [k in sd for k in keys]
+        if all(present):
+            sd[prefix + s] = torch.stack([sd.pop(k) for k in keys])
+        elif any(present) and errors is not None:
+            missing = [k for k, p in zip(keys, present) if not p]
+            errors.append(f"CuMo expert weights for {prefix + s!r} are incomplete: missing {missing}")
+    extra = sorted(
+        k for k in sd if pattern.match(k) and int(k[len(prefix) :].split(".")[1]) >= num_experts
+    )  # experts beyond E
+    if extra and errors is not None:
+        errors.append(f"checkpoint has more experts than the module's num_experts={num_experts}: {extra[:4]}")
+
+
+def state_dict_post_hook(module: nn.Module, sd: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:
+    unstack(sd, prefix, module._cumo_expert_names, module.num_experts)
+
+
+def load_state_dict_pre_hook(
+    module: nn.Module,
+    sd: dict[str, Tensor],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    stack(sd, prefix, module._cumo_expert_names, module.num_experts, error_msgs)
+
+
+def register(module: nn.Module, names: tuple[str, str]) -> None:
+    """Give `module` (a MoEMLP) CuMo's per-expert keys `experts.{i}.{names[0] | names[1]}.{weight | bias}`."""
+    module._cumo_expert_names = tuple(names)
+    module.register_state_dict_post_hook(state_dict_post_hook)
+    module.register_load_state_dict_pre_hook(load_state_dict_pre_hook)
