@@ -20,6 +20,13 @@ BACKENDS: tuple[str, ...] = ("auto", "cuda", "triton", "torch")
 ENV_VAR = "CUMO_KERNELS_BACKEND"
 
 
+class Unsupported(RuntimeError):
+    """Raised by a backend's op function, before it launches anything, for operands it cannot
+    take (a dtype, a size, an alignment). Under "auto" the op then runs on the next backend that
+    can; an explicitly requested backend lets it propagate (DESIGN.md: "auto falls back under
+    misalignment, explicit cuda raises")."""
+
+
 @dataclass(frozen=True)
 class Backend:
     """One backend: `refusal(device)` returns None when it can run on that device type, else why not."""
@@ -74,6 +81,10 @@ _REGISTRY: dict[str, Backend] = {
 }
 # The order "auto" tries them in, fastest first where they can run.
 _AUTO_ORDER: tuple[str, ...] = ("cuda", "triton", "torch")
+# Backends whose op functions may raise Unsupported for particular operands. When "auto" picks
+# one of them, `select` returns "auto" and `implementation("auto")` tries the backends in order
+# per call, falling back on Unsupported.
+_OPERAND_FALLBACK: frozenset[str] = frozenset({"cuda"})
 
 
 def resolve_name(backend: str | None) -> str:
@@ -86,7 +97,9 @@ def resolve_name(backend: str | None) -> str:
 
 
 def select(backend: str | None, device: torch.device) -> str:
-    """The concrete backend ("cuda", "triton" or "torch") that runs on `device`.
+    """The backend ("cuda", "triton" or "torch") that runs on `device`, or "auto" when auto's
+    choice is a backend that may refuse particular operands (then `implementation("auto")` falls
+    back per call).
 
     Raises RuntimeError when an explicitly requested backend cannot run there, with the reason;
     "auto" falls back, and lists every backend's reason if none can run.
@@ -105,13 +118,44 @@ def select(backend: str | None, device: torch.device) -> str:
     for cand in _AUTO_ORDER:
         why = _REGISTRY[cand].refusal(dev)
         if why is None:
-            return cand
+            return "auto" if cand in _OPERAND_FALLBACK else cand
         reasons.append(f"{cand}: {why}")
     raise RuntimeError(f"no backend can run on {dev} tensors: " + "; ".join(reasons))
 
 
-def implementation(name: str) -> ModuleType:
-    """The module that implements backend `name` (functions named after the ops)."""
+class _AutoImplementation:
+    """`implementation("auto")`: each op function tries the backends in auto's order that can run
+    on its operands' device type, and takes the first that does not raise Unsupported."""
+
+    def __getattr__(self, op: str) -> Callable:
+        if op.startswith("__"):
+            raise AttributeError(op)
+
+        def run(*args, **kwargs):
+            dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+            reasons = []
+            for cand in _AUTO_ORDER:
+                why = _REGISTRY[cand].refusal(dev)
+                fn = None if why is not None else getattr(_REGISTRY[cand].load(), op, None)
+                if fn is None:
+                    continue
+                try:
+                    return fn(*args, **kwargs)
+                except Unsupported as exc:
+                    reasons.append(f"{cand}: {exc}")
+            raise RuntimeError(f"no backend can run {op} on these {dev} operands: " + "; ".join(reasons))
+
+        return run
+
+
+_AUTO_IMPLEMENTATION = _AutoImplementation()
+
+
+def implementation(name: str) -> ModuleType | _AutoImplementation:
+    """The module that implements backend `name` (functions named after the ops); for "auto"
+    (see `select`), an object whose functions fall back from backend to backend per call."""
+    if name == "auto":
+        return _AUTO_IMPLEMENTATION
     return _REGISTRY[name].load()
 
 

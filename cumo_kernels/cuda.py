@@ -1,0 +1,320 @@
+"""The `cuda` backend: a thin wrapper over the compiled extension `cumo_kernels._cuda`.
+
+The extension takes raw device pointers, sizes, a dtype code and the CUDA stream handle; this
+module owns the rest (DESIGN.md, "The CUDA extension without the torch ABI"): it checks every
+operand (device, dtype, contiguity, alignment), allocates outputs and workspaces with torch's
+caching allocator, and passes `data_ptr()`s and `torch.cuda.current_stream().cuda_stream`.
+
+The functions have the signatures of `cumo_kernels.reference`. Operands this backend cannot take
+(float64, more than 64 experts, ...) raise `dispatch.Unsupported` before anything is launched:
+under `auto` the op then falls back to the next backend, an explicit `backend="cuda"` raises it.
+Importing this module never initialises CUDA, and works where the extension is not built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._activations import ACTIVATIONS
+from .dispatch import Unsupported
+
+try:
+    from . import _cuda
+except ImportError as exc:  # not built (no nvcc at install, CUMO_SKIP_CUDA_BUILD) or unloadable
+    _cuda = None
+    _IMPORT_ERROR: str | None = str(exc)
+else:
+    _IMPORT_ERROR = None
+
+DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ACTIVATION_CODES: dict[str, int] = {"none": 0, "quick_gelu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "relu": 5}
+MAX_EXPERTS = 64
+_BUILD_HINT = "build it with `pip install .` on a machine with nvcc (CUDA_HOME), without CUMO_SKIP_CUDA_BUILD"
+
+assert set(ACTIVATIONS) <= set(ACTIVATION_CODES)
+
+
+def refusal(device_type: str) -> str | None:
+    """None when the backend can run on `device_type` tensors, else why not."""
+    if device_type != "cuda":
+        return f"the cuda backend runs on CUDA tensors only, not {device_type}"
+    if _cuda is None:
+        return f"the extension cumo_kernels._cuda is not built or cannot be loaded ({_IMPORT_ERROR}); {_BUILD_HINT}"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+# ------------------------------------------------------------------------------------- checks
+
+
+def _dtype_code(name: str, t: torch.Tensor) -> int:
+    code = DTYPE_CODES.get(t.dtype)
+    if code is None:
+        raise Unsupported(f"cuda backend: {name}: dtype {t.dtype} is not supported (float32, float16, bfloat16)")
+    return code
+
+
+def _check(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    """Device, dtype, contiguity and element alignment of one operand."""
+    if t.device != device or t.device.type != "cuda":
+        raise Unsupported(f"cuda backend: {name}: on {t.device}, expected {device} (a CUDA tensor)")
+    if dtype is not None and t.dtype != dtype:
+        raise Unsupported(f"cuda backend: {name}: dtype {t.dtype}, expected {dtype}")
+    if not t.is_contiguous():
+        raise Unsupported(f"cuda backend: {name}: expected a contiguous tensor, got strides {t.stride()}")
+    if t.numel() and t.data_ptr() % t.element_size():
+        raise Unsupported(f"cuda backend: {name}: data pointer not aligned to its {t.element_size()}-byte elements")
+
+
+def _aligned16(t: torch.Tensor) -> bool:
+    """16-byte aligned address and row pitch: what CUTLASS's TMA and cp.async paths need."""
+    row = t.shape[-1] if t.dim() else 1
+    return t.numel() == 0 or (t.data_ptr() % 16 == 0 and row * t.element_size() % 16 == 0)
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
+    """Workspace from torch's caching allocator (256-byte aligned, like every allocation)."""
+    return torch.empty(max(int(nbytes), 16), dtype=torch.uint8, device=device)
+
+
+# ------------------------------------------------------------------------------------ routing
+
+
+def route(
+    logits: torch.Tensor, top_k: int, num_samples: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reference.route on the GPU: one thread per token, statistics summed in a fixed order."""
+    dev = logits.device
+    _check("logits", logits, dev)
+    code = _dtype_code("logits", logits)
+    t, e = logits.shape
+    if e > MAX_EXPERTS:
+        raise Unsupported(f"cuda backend: route takes at most {MAX_EXPERTS} experts, got E={e}")
+    f32 = torch.float32
+    weights = torch.empty(t, top_k, dtype=logits.dtype, device=dev)
+    ids = torch.empty(t, top_k, dtype=torch.int64, device=dev)
+    prob_sums = torch.empty(num_samples, e, dtype=f32, device=dev)
+    first_counts = torch.empty(num_samples, e, dtype=f32, device=dev)
+    z_sums = torch.empty(num_samples, dtype=f32, device=dev)
+    if t == 0:
+        return weights, ids, prob_sums.zero_(), first_counts.zero_(), z_sums.zero_()
+    ws = torch.empty(t * (e + 2), dtype=f32, device=dev)
+    _cuda.route_forward(
+        logits.data_ptr(), t, e, top_k, num_samples, code, _ptr(weights), _ptr(ids), _ptr(prob_sums),
+        _ptr(first_counts), _ptr(z_sums), ws.data_ptr(), _stream(dev), dev.index,
+    )  # fmt: skip
+    return weights, ids, prob_sums, first_counts, z_sums
+
+
+def route_backward(
+    grad_weights: torch.Tensor,
+    grad_prob_sums: torch.Tensor,
+    grad_z_sums: torch.Tensor,
+    logits: torch.Tensor,
+    expert_ids: torch.Tensor,
+) -> torch.Tensor:
+    """reference.route_backward on the GPU: one thread per token."""
+    dev = logits.device
+    _check("logits", logits, dev)
+    code = _dtype_code("logits", logits)
+    t, e = logits.shape
+    if e > MAX_EXPERTS:
+        raise Unsupported(f"cuda backend: route takes at most {MAX_EXPERTS} experts, got E={e}")
+    gw = grad_weights.to(logits.dtype).contiguous()
+    gp = grad_prob_sums.to(torch.float32).contiguous()
+    gz = grad_z_sums.to(torch.float32).contiguous()
+    ids = expert_ids.contiguous()
+    for name, x in (("grad_weights", gw), ("grad_prob_sums", gp), ("grad_z_sums", gz), ("expert_ids", ids)):
+        _check(name, x, dev)
+    out = torch.empty_like(logits)
+    if t == 0:
+        return out
+    _cuda.route_backward(
+        gw.data_ptr(), gp.data_ptr(), gz.data_ptr(), logits.data_ptr(), ids.data_ptr(), t, e, ids.shape[1],
+        gp.shape[0], code, out.data_ptr(), _stream(dev), dev.index,
+    )  # fmt: skip
+    return out
+
+
+# -------------------------------------------------------------------------------- permutation
+
+
+def permute(
+    x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reference.permute on the GPU: per-chunk histograms, offsets and a stable sort order built on
+    the device, then a row gather."""
+    dev = x.device
+    _check("x", x, dev)
+    _check("expert_ids", expert_ids, dev, torch.int64)
+    code = _dtype_code("x", x)
+    t, h = x.shape
+    k = expert_ids.shape[1]
+    x_sorted = torch.empty(t * k, h, dtype=x.dtype, device=dev)
+    sort_idx = torch.empty(t * k, dtype=torch.int64, device=dev)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=dev)
+    ws = _workspace(_cuda.permute_workspace_bytes(t * k, num_experts), dev)
+    _cuda.permute_forward(
+        _ptr(x), _ptr(expert_ids), t, k, h, num_experts, code, _ptr(x_sorted), _ptr(sort_idx), offsets.data_ptr(),
+        ws.data_ptr(), _stream(dev), dev.index,
+    )  # fmt: skip
+    return x_sorted, sort_idx, offsets
+
+
+def permute_backward(grad_sorted: torch.Tensor, sort_idx: torch.Tensor, top_k: int) -> torch.Tensor:
+    """reference.permute_backward: grad_x[t] = sum of the token's k grouped rows (no atomics)."""
+    dev = grad_sorted.device
+    _check("grad_sorted", grad_sorted, dev)
+    _check("sort_idx", sort_idx, dev, torch.int64)
+    code = _dtype_code("grad_sorted", grad_sorted)
+    tk, h = grad_sorted.shape
+    t = tk // top_k
+    grad_x = torch.empty(t, h, dtype=grad_sorted.dtype, device=dev)
+    if grad_x.numel() == 0:
+        return grad_x
+    ws = _workspace(tk * 8, dev)
+    _cuda.permute_backward(
+        grad_sorted.data_ptr(), sort_idx.data_ptr(), t, top_k, h, code, grad_x.data_ptr(), ws.data_ptr(),
+        _stream(dev), dev.index,
+    )  # fmt: skip
+    return grad_x
+
+
+def unpermute(y_sorted: torch.Tensor, sort_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """reference.unpermute: out[t] = sum_j weights[t, j] * y_sorted[row of slot t*k+j] (float32 sums)."""
+    dev = y_sorted.device
+    _check("y_sorted", y_sorted, dev)
+    _check("sort_idx", sort_idx, dev, torch.int64)
+    code = _dtype_code("y_sorted", y_sorted)
+    w = weights.to(y_sorted.dtype).contiguous()
+    _check("weights", w, dev)
+    t, k = w.shape
+    n = y_sorted.shape[1]
+    out = torch.empty(t, n, dtype=y_sorted.dtype, device=dev)
+    if out.numel() == 0:
+        return out
+    ws = _workspace(t * k * 8, dev)
+    _cuda.unpermute_forward(
+        y_sorted.data_ptr(), sort_idx.data_ptr(), w.data_ptr(), t, k, n, code, out.data_ptr(), ws.data_ptr(),
+        _stream(dev), dev.index,
+    )  # fmt: skip
+    return out
+
+
+def unpermute_backward(
+    grad_out: torch.Tensor, y_sorted: torch.Tensor, sort_idx: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.unpermute_backward: (grad_y_sorted [T*k, N], grad_weights [T, k])."""
+    dev = y_sorted.device
+    _check("y_sorted", y_sorted, dev)
+    _check("sort_idx", sort_idx, dev, torch.int64)
+    code = _dtype_code("y_sorted", y_sorted)
+    g = grad_out.to(y_sorted.dtype).contiguous()
+    w = weights.to(y_sorted.dtype).contiguous()
+    _check("grad_out", g, dev)
+    _check("weights", w, dev)
+    t, k = w.shape
+    n = y_sorted.shape[1]
+    grad_y = torch.empty_like(y_sorted)
+    grad_w = torch.empty(t, k, dtype=y_sorted.dtype, device=dev)
+    if t * k:
+        ws = _workspace(t * k * 8, dev)
+        _cuda.unpermute_backward(
+            _ptr(g), _ptr(y_sorted), sort_idx.data_ptr(), w.data_ptr(), t, k, n, code, _ptr(grad_y),
+            grad_w.data_ptr(), ws.data_ptr(), _stream(dev), dev.index,
+        )  # fmt: skip
+    return grad_y, grad_w.to(weights.dtype)
+
+
+# ------------------------------------------------------------------------------- grouped GEMM
+
+
+def _use_cutlass(dev: torch.device, code: int, *operands: torch.Tensor) -> bool:
+    """The CUTLASS path where it is built for this device and dtype and every operand is 16-byte
+    aligned (DESIGN.md: with problem shapes on the device CUTLASS cannot check alignment itself).
+    float32 never takes it (it would be tf32); everything else runs the SIMT path of the extension."""
+    if code == DTYPE_CODES[torch.float32]:
+        return False
+    major, minor = torch.cuda.get_device_capability(dev)
+    if not _cuda.cutlass_supports(major * 10 + minor, code):
+        return False
+    return all(_aligned16(t) for t in operands)
+
+
+def grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    offsets: torch.Tensor,
+    activation: str = "none",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.grouped_linear on the GPU: (y [M, N], pre [M, N] or [0]); bias and activation
+    fused in the epilogue; per-expert problems built on the device from offsets (no sync)."""
+    dev = x.device
+    _check("x", x, dev)
+    _check("weight", weight, dev, x.dtype)
+    _check("offsets", offsets, dev, torch.int64)
+    if bias is not None:
+        _check("bias", bias, dev, x.dtype)
+    code = _dtype_code("x", x)
+    m, kdim = x.shape
+    e, n, _ = weight.shape
+    act = ACTIVATION_CODES[activation]
+    y = torch.empty(m, n, dtype=x.dtype, device=dev)
+    pre = x.new_empty(0) if activation == "none" else torch.empty(m, n, dtype=x.dtype, device=dev)
+    if y.numel() == 0:
+        return y, pre
+    ops = [x, weight, y] + ([bias] if bias is not None else []) + ([pre] if activation != "none" else [])
+    cutlass = _use_cutlass(dev, code, *ops)
+    ws = _workspace(_cuda.gemm_workspace_bytes(m, e), dev)
+    _cuda.grouped_linear_forward(
+        x.data_ptr(), weight.data_ptr(), _ptr(bias), offsets.data_ptr(), m, kdim, n, e, code, act, y.data_ptr(),
+        _ptr(pre), ws.data_ptr(), cutlass, _stream(dev), dev.index,
+    )  # fmt: skip
+    return y, pre
+
+
+def grouped_linear_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    pre: torch.Tensor,
+    activation: str,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """reference.grouped_linear_backward: (grad_x [M, K], grad_weight [E, N, K], grad_bias [E, N]
+    or None); experts without rows get zero weight and bias gradients (no atomics)."""
+    dev = x.device
+    _check("x", x, dev)
+    _check("weight", weight, dev, x.dtype)
+    _check("offsets", offsets, dev, torch.int64)
+    g = grad_y.to(x.dtype).contiguous()
+    _check("grad_y", g, dev)
+    if activation != "none":
+        _check("pre", pre, dev, x.dtype)
+    code = _dtype_code("x", x)
+    m, kdim = x.shape
+    e, n, _ = weight.shape
+    act = ACTIVATION_CODES[activation]
+    grad_x = torch.empty_like(x)
+    grad_w = torch.empty_like(weight)
+    grad_b = torch.empty(e, n, dtype=x.dtype, device=dev) if has_bias else None
+    grad_pre = torch.empty(m, n, dtype=x.dtype, device=dev) if activation != "none" and m * n else None
+    ops = [x, weight, g, grad_x, grad_w] + ([grad_pre] if grad_pre is not None else [])
+    cutlass = m > 0 and n > 0 and kdim > 0 and _use_cutlass(dev, code, *ops)
+    ws = _workspace(_cuda.gemm_workspace_bytes(m, e), dev)
+    _cuda.grouped_linear_backward(
+        _ptr(g), _ptr(x), _ptr(weight), offsets.data_ptr(), _ptr(pre), m, kdim, n, e, code, act, _ptr(grad_x),
+        _ptr(grad_w), _ptr(grad_b), _ptr(grad_pre), ws.data_ptr(), cutlass, _stream(dev), dev.index,
+    )  # fmt: skip
+    return grad_x, grad_w, grad_b

@@ -1,0 +1,257 @@
+"""The CUDA extension cumo_kernels._cuda on a machine without a GPU (CI) and with one.
+
+Without a GPU: the module imports, links no libcuda, every device function refuses with "no CUDA
+device is available", and the kernels' __host__ __device__ helpers (top-k tie rule, the per-token
+routing math and its backward, the offsets / sort-order plan, the grouped GEMM's tile schedule and
+problem compaction, rounding, activations) run on host arrays through the module's host_*
+functions and match the torch reference. The parity suite of the cuda backend on a GPU comes from
+conftest.py (`backend` is parametrised over available_backends("cuda")).
+
+Where the extension is not built (CUMO_SKIP_CUDA_BUILD, no nvcc) these tests skip with the reason,
+unless CUMO_REQUIRE_CUDA_EXT=1 (CI sets it) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import types
+
+import pytest
+import torch
+from conftest import HAS_CUDA, env_flag
+
+import cumo_kernels
+from cumo_kernels import _activations, dispatch, reference
+from cumo_kernels import cuda as cuda_backend
+
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPES = tuple(CODES)
+
+
+def _ext():
+    if cuda_backend._cuda is None:
+        if env_flag("CUMO_REQUIRE_CUDA_EXT"):
+            pytest.fail(f"cumo_kernels._cuda is not built, CUMO_REQUIRE_CUDA_EXT is set: {cuda_backend._IMPORT_ERROR}")
+        pytest.skip(f"cumo_kernels._cuda is not built here: {cuda_backend._IMPORT_ERROR}")
+    return cuda_backend._cuda
+
+
+# ------------------------------------------------------------------------------ the module itself
+
+
+def test_extension_imports_and_describes_its_build():
+    ext = _ext()
+    info = ext.build_info()
+    assert "archs=" in info and "cuda_runtime=" in info
+    assert ext.DTYPE_CODES == {"float32": 0, "float16": 1, "bfloat16": 2}
+    assert dict(ext.ACTIVATION_CODES) == cuda_backend.ACTIVATION_CODES
+    assert ext.MAX_EXPERTS == cuda_backend.MAX_EXPERTS
+
+
+def test_extension_links_no_libcuda():
+    ext = _ext()
+    if shutil.which("ldd") is None:
+        pytest.skip("ldd not available")
+    out = subprocess.run(["ldd", ext.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libcuda.so" not in out, f"the extension links libcuda:\n{out}"
+    assert "libcudart.so" not in out, f"the extension links the shared CUDA runtime:\n{out}"
+    assert "libtorch" not in out and "libc10" not in out, f"the extension links torch:\n{out}"
+
+
+# Arguments that pass every size check, so that the call reaches the device check.
+DEVICE_CALLS = {
+    "device_count": (),
+    "device_capability": (0,),
+    "route_forward": (0, 4, 4, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "route_backward": (0, 0, 0, 0, 0, 4, 4, 2, 1, 0, 0, 0, 0),
+    "permute_forward": (0, 0, 4, 2, 8, 4, 0, 0, 0, 0, 0, 0, 0),
+    "permute_backward": (0, 0, 4, 2, 8, 0, 0, 0, 0, 0),
+    "unpermute_forward": (0, 0, 0, 4, 2, 8, 0, 0, 0, 0, 0),
+    "unpermute_backward": (0, 0, 0, 0, 4, 2, 8, 0, 0, 0, 0, 0, 0),
+    "grouped_linear_forward": (0, 0, 0, 0, 8, 8, 8, 4, 0, 1, 0, 0, 0, False, 0, 0),
+    "grouped_linear_backward": (0, 0, 0, 0, 0, 8, 8, 8, 4, 0, 1, 0, 0, 0, 0, 0, False, 0, 0),
+}
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="a CUDA device is present: the refusal is for machines without one")
+@pytest.mark.parametrize("name", sorted(DEVICE_CALLS))
+def test_every_device_function_refuses_without_a_device(name):
+    ext = _ext()
+    with pytest.raises(RuntimeError, match="no CUDA device is available"):
+        getattr(ext, name)(*DEVICE_CALLS[name])
+
+
+def test_device_calls_cover_the_module():
+    ext = _ext()
+    public = {n for n in dir(ext) if not n.startswith("_") and callable(getattr(ext, n))}
+    host = {n for n in public if n.startswith("host_") or n.endswith("_bytes")}
+    other = {"build_info", "cutlass_supports", "HostRoute"}
+    assert public - host - other == set(DEVICE_CALLS), "a device function without a refusal test"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="a CUDA device is present")
+def test_backend_refuses_with_reason_on_cpu_machine():
+    assert cuda_backend.refusal("cpu") is not None
+    why = cuda_backend.refusal("cuda")
+    assert why is not None and ("no CUDA device is available" in why or "not built" in why)
+    assert "cuda" not in cumo_kernels.available_backends("cuda")
+    with pytest.raises(RuntimeError, match="cuda"):
+        cumo_kernels.route(torch.randn(3, 4), 2, backend="cuda")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (torch.cuda.is_available() is False)")
+def test_backend_is_available_on_a_gpu():
+    _ext()
+    assert cuda_backend.refusal("cuda") is None
+    assert "cuda" in cumo_kernels.available_backends("cuda"), "the parity suite would not run the cuda backend"
+
+
+# -------------------------------------------------------------------- host-device helpers vs reference
+
+
+def test_topk_tie_rule():
+    ext = _ext()
+    nan = float("nan")
+    assert ext.host_topk([0.1, 0.3, 0.3, 0.2], 3) == [1, 2, 3]
+    assert ext.host_topk([0.25, 0.25, 0.25, 0.25], 4) == [0, 1, 2, 3]
+    assert ext.host_topk([0.0, -0.0, 0.5], 3) == [2, 0, 1]
+    assert ext.host_topk([0.1, nan, 0.9, nan], 3) == [1, 3, 2]  # NaN first, as torch.sort
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        e = int(torch.randint(1, 12, (1,), generator=g))
+        k = int(torch.randint(1, e + 1, (1,), generator=g))
+        s = torch.randint(0, 4, (e,), generator=g).float() / 4  # many exact ties
+        want = torch.sort(s, descending=True, stable=True).indices[:k].tolist()
+        assert ext.host_topk(s.tolist(), k) == want
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(7, 1, 4, 2), (15, 3, 4, 2), (33, 1, 8, 3), (12, 2, 8, 8), (5, 1, 1, 1)])
+@pytest.mark.parametrize("kind", ["random", "ties"])
+def test_route_token_math_matches_reference(dtype, case, kind):
+    ext = _ext()
+    t, b, e, k = case
+    g = torch.Generator().manual_seed(t * 31 + e)
+    if kind == "ties":
+        logits = (torch.randint(-2, 3, (t, e), generator=g).float() / 2).to(dtype)
+    else:
+        logits = (2 * torch.randn(t, e, generator=g)).to(dtype)
+    w, ids, ps, fc, zs = reference.route(logits, k, b)
+    out = ext.host_route(logits.float().flatten().tolist(), t, e, k, b, CODES[dtype])
+    assert torch.equal(torch.tensor(out.ids).view(t, k), ids)
+    assert torch.equal(torch.tensor(out.first_counts).view(b, e), fc)
+    hw = torch.tensor(out.weights).view(t, k)
+    assert torch.equal(hw.to(dtype).float(), hw), "weights are not rounded to the activation dtype"
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(hw, w.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(torch.tensor(out.prob_sums).view(b, e), ps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(out.z_sums), zs, rtol=1e-5, atol=1e-5)
+
+    gw = torch.randn(t, k, generator=g).to(dtype)
+    gp = torch.randn(b, e, generator=g)
+    gz = torch.randn(b, generator=g)
+    want = reference.route_backward(gw, gp, gz, logits, ids)
+    got = ext.host_route_backward(
+        logits.float().flatten().tolist(), ids.flatten().tolist(), gw.float().flatten().tolist(),
+        gp.flatten().tolist(), gz.tolist(), t, e, k, b, CODES[dtype],
+    )  # fmt: skip
+    got = torch.tensor(got).view(t, e)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want.float(), rtol=tol, atol=tol * max(1.0, want.float().abs().max().item()))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 256])
+@pytest.mark.parametrize("case", [(1, 1, 4), (7, 2, 4), (577, 2, 4), (100, 3, 8), (50, 2, 1)])
+def test_permute_plan_matches_reference(case, chunk):
+    ext = _ext()
+    t, k, e = case
+    g = torch.Generator().manual_seed(t + e)
+    ids = torch.randint(0, e, (t, k), generator=g)
+    if e > 1:
+        ids[ids == 1] = 0  # an expert with no rows
+    sort_idx, offsets = ext.host_permute_plan(ids.flatten().tolist(), e, chunk)
+    _, ref_idx, ref_off = reference.permute(torch.zeros(t, 1), ids, e)
+    assert sort_idx == ref_idx.tolist()
+    assert offsets == ref_off.tolist()
+
+
+def test_permute_plan_clamps_out_of_range_ids():
+    ext = _ext()
+    sort_idx, offsets = ext.host_permute_plan([5, -1, 1, 0], 2, 3)
+    assert sorted(sort_idx) == [0, 1, 2, 3] and offsets == [0, 2, 4]
+
+
+def test_tile_schedule_and_problem_compaction():
+    ext = _ext()
+    offsets = [0, 0, 130, 130, 131, 200, 200]  # experts 0, 2, 5 have no rows
+    tiles = ext.host_tile_schedule(offsets, 64)
+    assert tiles == [0, 0, 3, 3, 4, 6, 6]
+    owners = [ext.host_find_tile_expert(tiles, i) for i in range(8)]
+    assert owners == [1, 1, 1, 3, 4, 4, -1, -1]
+    assert ext.host_compact_problems(offsets) == [[1, 130, 0], [3, 1, 130], [4, 69, 131]]
+    assert ext.host_compact_problems([0, 0, 0]) == []
+    assert ext.host_tile_schedule([0, 0, 0], 64) == [0, 0, 0]
+    # The grid's upper bound covers every schedule.
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        counts = torch.randint(0, 200, (6,), generator=g)
+        off = [0] + torch.cumsum(counts, 0).tolist()
+        tl = ext.host_tile_schedule(off, 64)
+        assert tl[-1] <= (off[-1] + 63) // 64 + 6
+        for tile in range(tl[-1]):
+            e = ext.host_find_tile_expert(tl, tile)
+            assert off[e + 1] > off[e] and tl[e] <= tile < tl[e + 1]
+
+
+def test_alignment_check():
+    ext = _ext()
+    assert ext.host_aligned16(4096, 64, 2)
+    assert not ext.host_aligned16(4096, 30, 4)  # fp32 rows of 30: 120 bytes
+    assert not ext.host_aligned16(4098, 64, 2)
+    assert ext.host_aligned16(4096, 4, 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rounding_matches_torch(dtype):
+    ext = _ext()
+    v = torch.cat([torch.randn(500) * 10, torch.tensor([65504.0, 70000.0, 1e-8, -3e-5, 0.1, 1 / 3])])
+    got = torch.tensor([ext.host_round_to(x, CODES[dtype]) for x in v.tolist()])
+    assert torch.equal(got, v.to(dtype).float())
+
+
+@pytest.mark.parametrize("act", list(_activations.ACTIVATIONS))
+def test_activations_match_reference(act):
+    ext = _ext()
+    code = cuda_backend.ACTIVATION_CODES[act]
+    v = torch.linspace(-6, 6, 301)
+    got = torch.tensor(ext.host_activation(v.tolist(), code, False))
+    torch.testing.assert_close(got, _activations.apply(v, act), rtol=2e-6, atol=2e-6)
+    got_d = torch.tensor(ext.host_activation(v.tolist(), code, True))
+    torch.testing.assert_close(got_d, _activations.derivative(v, act), rtol=2e-6, atol=2e-6)
+
+
+# ------------------------------------------------------------------------- auto falls back, cuda raises
+
+
+def test_auto_falls_back_on_unsupported_and_explicit_raises(monkeypatch):
+    calls = []
+
+    def route(logits, top_k, num_samples):
+        calls.append("cuda")
+        raise dispatch.Unsupported("cuda backend: fake refusal of these operands")
+
+    fake = types.SimpleNamespace(refusal=lambda d: None, route=route)
+    monkeypatch.setitem(dispatch._REGISTRY, "cuda", dispatch.Backend("cuda", lambda d: None, lambda: fake))
+    logits = torch.randn(6, 4)
+    got = dispatch.implementation("auto").route(logits, 2, 1)
+    want = reference.route(logits, 2, 1)
+    assert calls == ["cuda"]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(RuntimeError, match="fake refusal"):
+        dispatch.implementation("cuda").route(logits, 2, 1)
+
+
+def test_unsupported_is_a_runtime_error_with_the_reason():
+    assert issubclass(dispatch.Unsupported, RuntimeError)
+    assert set(cuda_backend.DTYPE_CODES) == set(DTYPES)
