@@ -214,6 +214,7 @@ if _why_not is not None:
     _say(f"installing without the CUDA extension: {_why_not}")
     ext_modules: list = []
 else:
-    ext_modules = [Extension("cumo_kernels._cuda", sources=[str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cu"))])]
+    _sources = [str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cu"))]
+    ext_modules = [Extension("cumo_kernels._cuda", sources=_sources)]
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": CudaBuildExt})
