@@ -130,8 +130,8 @@ def from_pretrained(
     assigns tensors to the module tree by name; the stacked expert weights have no per-expert
     modules), so: build the model from the saved config, convert it with the saved
     `config.cumo_moe`, and load the saved tensors with `load_state_dict(strict=True)`. The file's
-    keys are CuMo's tower keys (transformers writes the `vision_model.` prefix back on save), so
-    this also loads a CuMo tower checkpoint saved as safetensors next to a config.
+    keys are the model's state-dict keys, i.e. CuMo's per-expert names; a file in CuMo's own layout
+    (`vision_model.` prefix, no post-layernorm) goes through `cumo.checkpoint.from_cumo` first.
 
     Args:
         path: the directory given to save_pretrained (local).
