@@ -260,3 +260,21 @@ def test_import_cumo_without_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install 'cumo-kernels[hf]'" in out.stdout
+
+
+@pytest.mark.parametrize("gate", ["fresh", "random", "zero"])
+def test_upcycled_clip_mlp_equals_its_dense_source(gate):
+    dense = tiny_clip(6).encoder.layers[0].mlp
+    moe = cumo.upcycle_mlp(dense, num_experts=E, top_k=K)
+    assert isinstance(moe, cumo.CLIPMoEMLP) and moe.activation == "quick_gelu"
+    with torch.no_grad():
+        if gate == "random":
+            moe.gate.weight.normal_(0, 3.0)
+        elif gate == "zero":
+            moe.gate.weight.zero_()
+    x = torch.randn(3, 10, 24, generator=torch.Generator().manual_seed(15))
+    y, balance, z = moe(x)
+    with torch.no_grad():
+        torch.testing.assert_close(y, dense(x), rtol=1e-5, atol=1e-6)
+    assert balance.dtype == torch.float32 and z.dtype == torch.float32
+    assert sorted(moe.state_dict())[:3] == ["experts.0.fc1.bias", "experts.0.fc1.weight", "experts.0.fc2.bias"]

@@ -1,0 +1,161 @@
+"""cumo.checkpoint.to_cumo / from_cumo: CuMo's keys (CUMO.md, "Checkpoint formats"), both ways."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import cumo
+from cumo.checkpoint import from_cumo, to_cumo
+
+pytest.importorskip("transformers")
+from test_cumo_vision import perturb_experts, pixels, scramble_gates, tiny_clip  # noqa: E402
+
+E = 4
+
+
+def cumo_tower_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CuMo's MoE tower checkpoint for `model`'s weights, assembled by hand from CUMO.md's key list."""
+    vm = "vision_model."
+    sd = {vm + "embeddings." + n: t for n, t in model.embeddings.state_dict().items()}
+    sd.update({vm + "pre_layrnorm." + n: t for n, t in model.pre_layrnorm.state_dict().items()})
+    for i, layer in enumerate(model.encoder.layers):
+        p = f"{vm}encoder.layers.{i}."
+        for part in ("self_attn", "layer_norm1", "layer_norm2"):
+            sd.update({p + part + "." + n: t for n, t in getattr(layer, part).state_dict().items()})
+        moe = layer.mlp
+        sd[p + "gate.weight"] = moe.gate.weight.detach()
+        for e in range(moe.num_experts):
+            sd[p + f"experts.{e}.fc1.weight"] = moe.w1[e].detach()
+            sd[p + f"experts.{e}.fc1.bias"] = moe.b1[e].detach()
+            sd[p + f"experts.{e}.fc2.weight"] = moe.w2[e].detach()
+            sd[p + f"experts.{e}.fc2.bias"] = moe.b2[e].detach()
+    return sd
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b), (sorted(set(a) - set(b))[:5], sorted(set(b) - set(a))[:5])
+    for k in a:
+        assert a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+
+
+def trained_moe_clip(seed: int) -> nn.Module:
+    model = cumo.convert_clip_to_moe(tiny_clip(seed))
+    scramble_gates(model, seed + 100)
+    perturb_experts(model, seed + 200)
+    return model
+
+
+def test_to_cumo_of_a_converted_tower_is_exactly_cumos_checkpoint():
+    model = trained_moe_clip(1)
+    expected = cumo_tower_dict(model)
+    assert "vision_model.encoder.layers.1.experts.3.fc2.bias" in expected
+    assert expected["vision_model.encoder.layers.0.gate.weight"].shape == (E, 24)
+    assert_same(to_cumo(model.state_dict()), expected)
+    # the parameter names (stacked, what optimisers and ZeRO consolidation see) convert to the same
+    assert_same(to_cumo(dict(model.named_parameters())), {k: v for k, v in expected.items()})
+
+
+def test_cumo_checkpoint_loads_strict_after_from_cumo():
+    source = trained_moe_clip(2)
+    ckpt = cumo_tower_dict(source)
+    target = cumo.convert_clip_to_moe(tiny_clip(3))  # other weights, other gates
+    sd = from_cumo(ckpt)
+    # CuMo's towers have no post_layernorm: from_cumo adds an identity one (weight 1, bias 0)
+    assert torch.equal(sd["post_layernorm.weight"], torch.ones(24)) and not sd["post_layernorm.bias"].any()
+    target.load_state_dict(sd, strict=True)
+    x = pixels(seed=4)
+    with torch.no_grad():
+        a = source(x, output_hidden_states=True)
+        b = target(x, output_hidden_states=True)
+    for ha, hb in zip(a.hidden_states, b.hidden_states):
+        torch.testing.assert_close(hb, ha, rtol=0, atol=0)
+    # without the fill, exactly post_layernorm.* is missing
+    result = cumo.convert_clip_to_moe(tiny_clip(3)).load_state_dict(from_cumo(ckpt, post_layernorm=False), strict=False)
+    assert sorted(result.missing_keys) == ["post_layernorm.bias", "post_layernorm.weight"]
+    assert result.unexpected_keys == []
+
+
+def test_round_trips_both_ways():
+    model = trained_moe_clip(5)
+    with torch.no_grad():
+        model.post_layernorm.weight.add_(0.5)  # not an identity: only keep_post_layernorm keeps it
+    sd = model.state_dict()
+    assert_same(from_cumo(to_cumo(sd, keep_post_layernorm=True)), sd)
+    ckpt = cumo_tower_dict(model)
+    assert_same(to_cumo(from_cumo(ckpt)), ckpt)
+    assert_same(to_cumo(from_cumo(ckpt, stacked=True)), ckpt)
+
+
+def test_stacked_from_cumo_gives_the_parameter_names():
+    model = trained_moe_clip(6)
+    sd = from_cumo(cumo_tower_dict(model), stacked=True)
+    params = dict(model.named_parameters())
+    assert set(params) <= set(sd) and "encoder.layers.0.mlp.w1" in sd
+    for name, p in params.items():
+        assert torch.equal(sd[name], p), name
+    cumo.convert_clip_to_moe(tiny_clip(7)).load_state_dict(sd, strict=True)
+
+
+def whole_model(seed: int) -> nn.Module:
+    """A LLaVA/CuMo-shaped host: model.vision_tower.vision_tower, model.mm_projector, an LLM part."""
+    torch.manual_seed(seed)
+    host = nn.Module()
+    host.model = nn.Module()
+    host.model.vision_tower = nn.Module()
+    host.model.vision_tower.vision_tower = trained_moe_clip(seed)
+    host.model.mm_projector = cumo.MLPMoE(E, 2, 48, 40)
+    host.model.layers = nn.ModuleList([nn.Linear(40, 40)])
+    host.lm_head = nn.Linear(40, 11)
+    return host
+
+
+def test_whole_model_dict_converts_and_unknown_keys_pass_through():
+    host = whole_model(8)
+    ckpt = to_cumo(host.state_dict())
+    tower = cumo_tower_dict(host.model.vision_tower.vision_tower)
+    expected = {"model.vision_tower.vision_tower." + k: v for k, v in tower.items()}
+    expected.update({"model.mm_projector." + k: v for k, v in host.model.mm_projector.state_dict().items()})
+    expected.update(
+        {"model.layers.0.weight": host.model.layers[0].weight, "model.layers.0.bias": host.model.layers[0].bias}
+    )
+    expected.update({"lm_head.weight": host.lm_head.weight, "lm_head.bias": host.lm_head.bias})
+    assert_same(ckpt, expected)
+    assert "model.mm_projector.experts.3.2.weight" in ckpt and "model.mm_projector.gate.weight" in ckpt
+    other = whole_model(9)
+    other.load_state_dict(from_cumo(ckpt), strict=True)
+    other.load_state_dict(from_cumo(ckpt, stacked=True), strict=True)
+    assert_same(to_cumo(other.state_dict()), ckpt)
+    # stacked connector names (named_parameters) unstack to CuMo's
+    conn = to_cumo({"mm_projector." + n: p for n, p in host.model.mm_projector.named_parameters()})
+    assert_same(conn, {"mm_projector." + k: v for k, v in host.model.mm_projector.state_dict().items()})
+
+
+def test_dense_checkpoints_pass_through():
+    dense_tower = tiny_clip(10)
+    c = to_cumo(dense_tower.state_dict())
+    assert "vision_model.encoder.layers.0.mlp.fc1.weight" in c and not any("post_layernorm" in k for k in c)
+    dense_connector = {"mm_projector.0.weight": torch.ones(4, 3), "mm_projector.2.bias": torch.ones(4)}
+    assert_same(to_cumo(dense_connector), dense_connector)
+    assert_same(from_cumo(dense_connector), dense_connector)
+    tiny_clip(11).load_state_dict(from_cumo(c), strict=True)
+
+
+def test_host_keeping_vision_model_prefix():
+    from transformers import CLIPVisionModelWithProjection
+
+    source = cumo.convert_clip_to_moe(tiny_clip(12, cls=CLIPVisionModelWithProjection))
+    sd = source.state_dict()
+    assert "vision_model.encoder.layers.0.gate.weight" in sd
+    target = cumo.convert_clip_to_moe(tiny_clip(13, cls=CLIPVisionModelWithProjection))
+    target.load_state_dict(from_cumo(to_cumo(sd, keep_post_layernorm=True), strip_vision_model=False), strict=True)
+
+
+def test_incomplete_experts_are_an_error():
+    ckpt = cumo_tower_dict(trained_moe_clip(14))
+    del ckpt["vision_model.encoder.layers.0.experts.1.fc1.bias"]
+    with pytest.raises(RuntimeError, match="incomplete"):
+        cumo.convert_clip_to_moe(tiny_clip(15)).load_state_dict(from_cumo(ckpt))
+    with pytest.raises(ValueError, match="incomplete"):
+        from_cumo(ckpt, stacked=True)
