@@ -7,6 +7,7 @@ import oracle
 import pytest
 import torch
 from conftest import ACTIVATIONS, DTYPES, poison, seeded, skip_unsupported
+from test_triton_fused import fused_op_samples
 
 import cumo_kernels
 from cumo_kernels.testing import ROUTING_KINDS, TOLERANCES, assert_close_rel, make_routing_inputs
@@ -290,7 +291,7 @@ def _op_samples(backend: str) -> dict[str, list[tuple]]:
     y, pre = torch.ops.cumo.grouped_linear(xs.detach(), w1.detach(), b1.detach(), offsets, "gelu", backend)
     ys = torch.randn(t * k, n, generator=g).requires_grad_()
     wts = w.detach().clone().requires_grad_()
-    return {
+    samples = {
         "route": [(logits, k, 1, backend), (logits3, 3, 3, backend), (logits.detach().half(), 1, 1, backend)],
         "route_backward": [
             (
@@ -326,6 +327,7 @@ def _op_samples(backend: str) -> dict[str, list[tuple]]:
         "unpermute_backward": [(torch.randn(t, n, generator=g), ys.detach(), sort_idx, w.detach(), backend)],
         "aux_losses": [(ps.detach().requires_grad_(), fc, zs.detach().requires_grad_(), t)],
     }
+    return samples | fused_op_samples(backend)  # the fused ops' samples live with their tests
 
 
 def _cumo_ops() -> list[str]:

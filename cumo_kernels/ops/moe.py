@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .. import dispatch
 from ._common import check_activation, check_device, check_float, check_shape, check_top_k
+from .fused import fused_moe
 from .grouped_gemm import _grouped_linear
 from .permute import _permute, _unpermute
 from .routing import _aux_losses, _route
@@ -103,6 +104,13 @@ def moe_mlp(
         y = x.new_zeros(*lead, d_out) + zero.to(x.dtype)
         return y, zero.float(), zero.to(x.dtype)
 
+    if getattr(dispatch.implementation(name), "FUSED_MOE", False):
+        # The backend's fused ops (ops/fused.py): routing from x, gather-on-load, combine.
+        y, prob_sums, first_counts, z_sums = fused_moe(
+            x2.contiguous(), gate_weight, w1, b1, w2, b2, top_k, activation, samples, name
+        )
+        balance, z = _aux_losses(prob_sums, first_counts, z_sums, t // samples)
+        return y.view(*lead, d_out), balance, z.to(x.dtype)
     logits = F.linear(x2, gate_weight)
     weights, expert_ids, prob_sums, first_counts, z_sums = _route(logits, top_k, samples, name)
     x_sorted, sort_idx, offsets = _permute(x2.contiguous(), expert_ids, e, name)

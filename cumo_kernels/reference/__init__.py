@@ -7,6 +7,15 @@ CUDA (`grouped_mm` where it accepts the operands, else every expert over all row
 They import neither triton nor the extension.
 """
 
+from .fused import (
+    grouped_linear_combine,
+    grouped_linear_combine_backward,
+    grouped_linear_gather,
+    grouped_linear_gather_backward,
+    route_x,
+    route_x_backward,
+    sort_experts,
+)
 from .gemm import grouped_linear, grouped_linear_backward
 from .permute import permute, permute_backward, unpermute, unpermute_backward
 from .routing import aux_losses, route, route_backward
@@ -15,10 +24,17 @@ __all__ = [
     "aux_losses",
     "grouped_linear",
     "grouped_linear_backward",
+    "grouped_linear_combine",
+    "grouped_linear_combine_backward",
+    "grouped_linear_gather",
+    "grouped_linear_gather_backward",
     "permute",
     "permute_backward",
     "route",
     "route_backward",
+    "route_x",
+    "route_x_backward",
+    "sort_experts",
     "unpermute",
     "unpermute_backward",
 ]

@@ -1,0 +1,66 @@
+"""The Triton backend of cumo-kernels: CUDA tensors, and CPU tensors under TRITON_INTERPRET=1.
+
+Defines `refusal(device_type)` and the backend functions of `cumo_kernels.reference` (same
+signatures), plus the fused functions that `cumo_kernels.ops.moe` uses when a backend module sets
+`FUSED_MOE = True`: routing from x (`route_x`), the sort order without a permuted copy of x
+(`sort_experts`), the first GEMM with gather-on-load (`grouped_linear_gather`), the second GEMM
+with the combine (`grouped_linear_combine`), and their backward functions.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .fused import (
+    grouped_linear_combine,
+    grouped_linear_combine_backward,
+    grouped_linear_gather,
+    grouped_linear_gather_backward,
+    sort_experts,
+)
+from .grouped_gemm import grouped_linear, grouped_linear_backward
+from .permute import permute, permute_backward, unpermute, unpermute_backward
+from .routing import route, route_backward, route_x, route_x_backward
+
+FUSED_MOE = True
+"""moe_mlp composes the fused ops (route_x, sort_experts, grouped_linear_gather,
+grouped_linear_combine) for this backend."""
+
+
+def refusal(device_type: str) -> str | None:
+    """None when the Triton backend can run on `device_type` tensors, else the reason."""
+    if device_type == "cuda":
+        if torch.cuda.is_available():
+            return None
+        return "no CUDA device is available (torch.cuda.is_available() is False)"
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return None
+        return (
+            "Triton runs on CPU tensors only in its interpreter (tests): start Python with "
+            "TRITON_INTERPRET=1 in the environment"
+        )
+    return f"Triton kernels run on cuda tensors (or cpu under TRITON_INTERPRET=1), not {device_type}"
+
+
+__all__ = [
+    "FUSED_MOE",
+    "grouped_linear",
+    "grouped_linear_backward",
+    "grouped_linear_combine",
+    "grouped_linear_combine_backward",
+    "grouped_linear_gather",
+    "grouped_linear_gather_backward",
+    "permute",
+    "permute_backward",
+    "refusal",
+    "route",
+    "route_backward",
+    "route_x",
+    "route_x_backward",
+    "sort_experts",
+    "unpermute",
+    "unpermute_backward",
+]

@@ -1,0 +1,98 @@
+"""Shared pieces of the Triton backend: interpreter detection, dtype checks, dot precision,
+the activations (forward and derivative, in float32) as `@triton.jit` helpers, and launch-config
+selection (one fixed config under the interpreter, a small autotuned set on GPUs)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+"""True when this process runs Triton kernels in the interpreter (read at import, as Triton does)."""
+
+SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+# Activation codes (constexpr arguments of the kernels).
+ACT_CODES: dict[str, int] = {"none": 0, "quick_gelu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "relu": 5}
+
+
+def check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED:
+        raise TypeError(
+            f"{name}: the triton backend computes float32, float16 and bfloat16, got {t.dtype}; "
+            "use backend='torch' for float64"
+        )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`input_precision` of tl.dot: true fp32 ("ieee") for float32 operands unless tf32 is allowed."""
+    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def pow2(n: int, floor: int = 1) -> int:
+    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+
+
+def autotuned(kernel, configs: list, key: list[str]):
+    """`kernel` autotuned over `configs` on GPUs; under the interpreter the kernel itself (autotune
+    with more than one config fails there), launched with `fixed` meta-parameters."""
+    if INTERPRET:
+        return kernel
+    return triton.autotune(configs=configs, key=key)(kernel)
+
+
+def launch(kernel, grid, args: tuple, fixed: dict) -> None:
+    """Launch `kernel` (autotuned or not) on `grid` (a callable of the meta-parameters)."""
+    if INTERPRET:
+        kernel[grid(fixed)](*args, **fixed)
+    else:
+        kernel[grid](*args)
+
+
+@triton.jit
+def _tanh(u):
+    # tanh through the sigmoid: exact limits at +-inf, no libdevice (the interpreter has none).
+    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+
+
+@triton.jit
+def act_fwd(v, ACT: tl.constexpr):
+    """act(v) for float32 v."""
+    out = v
+    if ACT == 1:
+        out = v * tl.sigmoid(1.702 * v)
+    elif ACT == 2:
+        out = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
+    elif ACT == 3:
+        out = 0.5 * v * (1.0 + _tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
+    elif ACT == 4:
+        out = v * tl.sigmoid(v)
+    elif ACT == 5:
+        out = tl.maximum(v, 0.0)
+    return out
+
+
+@triton.jit
+def act_grad(v, ACT: tl.constexpr):
+    """d act(v) / dv for float32 v."""
+    out = v * 0.0 + 1.0
+    if ACT == 1:
+        s = tl.sigmoid(1.702 * v)
+        out = s + 1.702 * v * s * (1.0 - s)
+    elif ACT == 2:
+        out = 0.5 * (1.0 + tl.erf(v * 0.7071067811865476)) + v * tl.exp(-0.5 * v * v) * 0.3989422804014327
+    elif ACT == 3:
+        t = _tanh(0.7978845608028654 * (v + 0.044715 * v * v * v))
+        dinner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * v * v)
+        out = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * dinner
+    elif ACT == 4:
+        s = tl.sigmoid(v)
+        out = s * (1.0 + v * (1.0 - s))
+    elif ACT == 5:
+        out = tl.where(v > 0.0, 1.0, 0.0)
+    return out

@@ -1,0 +1,438 @@
+"""Grouped GEMM kernels: one launch for all experts over rows grouped by expert.
+
+Tile schedule without a host sync: the grid's first axis has cdiv(M, BM) + E programs, an upper
+bound on sum_e cdiv(M_e, BM) for any split of M rows; each program walks the E+1 offsets (E is
+small) to find its expert and row block, and a program past the last tile runs no K iterations
+and stores nothing.
+
+Options, each a constexpr:
+- GATHER (forward, dW): A's rows are read through the sort order, x[sort_idx[r] // k], so no
+  permuted copy of x is materialised (gather-on-load).
+- SCATTER (forward, dX): output row r is written to row sort_idx[r] (slot order t*k+j), which
+  turns the following sum over each token's k rows into a contiguous reduction.
+- GATHER_G (backward of the combine): the incoming gradient of row r is read as
+  grad_out[sort_idx[r] // k] * routing_weight[sort_idx[r]]; with GW, the dX programs of the first
+  column block also compute grad_routing_weight[s] = <y_slot[s], grad_out[s // k]>.
+- ACT: bias + activation fused into the forward epilogue (the pre-activation is stored for the
+  backward); the backward multiplies by act'(pre) on load, in both the dX and dW kernels, so the
+  gradient before the activation is never materialised.
+dW is a per-expert reduction over that expert's rows in row order (grid E x N-blocks x K-blocks),
+with d bias accumulated by the first K block: no atomics, deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import ACT_CODES, act_fwd, act_grad, autotuned, check_dtype, dot_precision, launch
+
+_FIXED = {"BM": 16, "BN": 16, "BK": 16}
+
+
+def _configs() -> list:
+    # A small set for GPUs (untuned: waits for a GPU measurement), keyed by shape.
+    return [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in (
+            (64, 64, 32, 4, 3),
+            (64, 128, 32, 4, 3),
+            (128, 64, 32, 4, 3),
+            (128, 128, 32, 8, 3),
+            (128, 128, 64, 8, 3),
+            (64, 64, 64, 4, 4),
+        )
+    ]
+
+
+_KEY = ["N", "K", "M_BUCKET"]
+
+
+@triton.jit
+def _find_tile(offsets_ptr, E, pid, BM: tl.constexpr):
+    """(expert, first row, end row) of the pid-th tile of BM rows; expert -1 past the last tile."""
+    zero = tl.load(offsets_ptr) * 0
+    e_sel = zero - 1
+    row0 = zero
+    row_end = zero
+    acc = zero
+    for e in range(E):
+        s = tl.load(offsets_ptr + e)
+        t = tl.load(offsets_ptr + e + 1)
+        n_t = (t - s + BM - 1) // BM
+        hit = (pid >= acc) & (pid < acc + n_t)
+        e_sel = tl.where(hit, e, e_sel)
+        row0 = tl.where(hit, s + (pid - acc) * BM, row0)
+        row_end = tl.where(hit, t, row_end)
+        acc += n_t
+    return e_sel, row0, row_end
+
+
+@triton.jit
+def _grouped_fwd_kernel(
+    a_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    pre_ptr,
+    offsets_ptr,
+    idx_ptr,
+    N,
+    K,
+    E,
+    top_k,
+    M_BUCKET,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    GATHER: tl.constexpr,
+    SCATTER: tl.constexpr,
+    PREC: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e_sel, row0, row_end = _find_tile(offsets_ptr, E, pid_m, BM)
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < row_end
+    rows = tl.where(rmask, rows, 0)
+    slot = rows
+    if GATHER or SCATTER:
+        slot = tl.load(idx_ptr + rows, mask=rmask, other=0)
+    arow = rows
+    if GATHER:
+        arow = slot // top_k
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < N
+    e_safe = tl.maximum(e_sel, 0)
+    w_base = w_ptr + e_safe * N * K
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    k_end = tl.where(e_sel >= 0, K, 0)
+    for k0 in range(0, k_end, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < K
+        a = tl.load(a_ptr + arow[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_base + cols[None, :] * K + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + e_safe * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    orow = rows
+    if SCATTER:
+        orow = slot
+    out_mask = rmask[:, None] & cmask[None, :]
+    pre = acc.to(y_ptr.dtype.element_ty)
+    if ACT != 0:
+        tl.store(pre_ptr + rows[:, None] * N + cols[None, :], pre, mask=out_mask)
+        y = act_fwd(pre.to(tl.float32), ACT).to(y_ptr.dtype.element_ty)
+    else:
+        y = pre
+    tl.store(y_ptr + orow[:, None] * N + cols[None, :], y, mask=out_mask)
+
+
+@triton.jit
+def _load_grad(
+    g_ptr, pre_ptr, rw_ptr, rows, slot, rmask, ns, nmask, N, top_k, ACT: tl.constexpr, GATHER_G: tl.constexpr
+):
+    """The gradient before the activation for rows x ns, in the operands' dtype: grad_y, or
+    grad_out[slot // k] * routing_weight[slot] (GATHER_G), times act'(pre) (ACT)."""
+    m = rmask[:, None] & nmask[None, :]
+    grow = rows
+    if GATHER_G:
+        grow = slot // top_k
+    g = tl.load(g_ptr + grow[:, None] * N + ns[None, :], mask=m, other=0.0)
+    if GATHER_G or ACT != 0:
+        gf = g.to(tl.float32)
+        if GATHER_G:
+            gf = gf * tl.load(rw_ptr + slot, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        if ACT != 0:
+            p = tl.load(pre_ptr + rows[:, None] * N + ns[None, :], mask=m, other=0.0)
+            gf = gf * act_grad(p.to(tl.float32), ACT)
+        g = gf.to(g_ptr.dtype.element_ty)
+    return g
+
+
+@triton.jit
+def _grouped_dx_kernel(
+    g_ptr,
+    pre_ptr,
+    w_ptr,
+    dx_ptr,
+    offsets_ptr,
+    idx_ptr,
+    rw_ptr,
+    ys_ptr,
+    grw_ptr,
+    N,
+    K,
+    E,
+    top_k,
+    M_BUCKET,
+    ACT: tl.constexpr,
+    GATHER_G: tl.constexpr,
+    SCATTER: tl.constexpr,
+    GW: tl.constexpr,
+    PREC: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """dx[rows, ks] = sum_n g'[rows, n] * w[e, n, ks] (w[e] is [N, K])."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    e_sel, row0, row_end = _find_tile(offsets_ptr, E, pid_m, BM)
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < row_end
+    rows = tl.where(rmask, rows, 0)
+    slot = rows
+    if GATHER_G or SCATTER:
+        slot = tl.load(idx_ptr + rows, mask=rmask, other=0)
+    ks = pid_k * BK + tl.arange(0, BK)
+    kmask = ks < K
+    e_safe = tl.maximum(e_sel, 0)
+    w_base = w_ptr + e_safe * N * K
+    acc = tl.zeros([BM, BK], dtype=tl.float32)
+    gw = tl.zeros([BM], dtype=tl.float32)
+    first = pid_k == 0
+    n_end = tl.where(e_sel >= 0, N, 0)
+    for n0 in range(0, n_end, BN):
+        ns = n0 + tl.arange(0, BN)
+        nmask = ns < N
+        g = _load_grad(g_ptr, pre_ptr, rw_ptr, rows, slot, rmask, ns, nmask, N, top_k, ACT, GATHER_G)
+        wt = tl.load(w_base + ns[:, None] * K + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        acc = tl.dot(g, wt, acc, input_precision=PREC)
+        if GW:
+            m = rmask[:, None] & nmask[None, :] & first
+            go = tl.load(g_ptr + (slot // top_k)[:, None] * N + ns[None, :], mask=m, other=0.0).to(tl.float32)
+            ys = tl.load(ys_ptr + slot[:, None] * N + ns[None, :], mask=m, other=0.0).to(tl.float32)
+            gw += tl.sum(ys * go, axis=1)
+    orow = rows
+    if SCATTER:
+        orow = slot
+    tl.store(dx_ptr + orow[:, None] * K + ks[None, :], acc.to(dx_ptr.dtype.element_ty), mask=rmask[:, None] & kmask)
+    if GW:
+        tl.store(grw_ptr + slot, gw.to(grw_ptr.dtype.element_ty), mask=rmask & first)
+
+
+@triton.jit
+def _grouped_dw_kernel(
+    g_ptr,
+    pre_ptr,
+    x_ptr,
+    dw_ptr,
+    db_ptr,
+    offsets_ptr,
+    idx_ptr,
+    rw_ptr,
+    N,
+    K,
+    top_k,
+    M_BUCKET,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    GATHER_X: tl.constexpr,
+    GATHER_G: tl.constexpr,
+    PREC: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """dw[e, ns, ks] = sum over expert e's rows of g'[r, ns]^T x[r, ks]; db[e, ns] = sum g'[r, ns]."""
+    e = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    ns = pid_n * BN + tl.arange(0, BN)
+    nmask = ns < N
+    ks = pid_k * BK + tl.arange(0, BK)
+    kmask = ks < K
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    db = tl.zeros([BN], dtype=tl.float32)
+    for r0 in range(start, end, BM):
+        rows = r0 + tl.arange(0, BM)
+        rmask = rows < end
+        rows = tl.where(rmask, rows, 0)
+        slot = rows
+        if GATHER_X or GATHER_G:
+            slot = tl.load(idx_ptr + rows, mask=rmask, other=0)
+        g = _load_grad(g_ptr, pre_ptr, rw_ptr, rows, slot, rmask, ns, nmask, N, top_k, ACT, GATHER_G)
+        xrow = rows
+        if GATHER_X:
+            xrow = slot // top_k
+        xt = tl.load(x_ptr + xrow[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(g), xt, acc, input_precision=PREC)
+        if HAS_BIAS:
+            db += tl.sum(g.to(tl.float32), axis=0)
+    w_off = e * N * K + ns[:, None] * K + ks[None, :]
+    tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
+    if HAS_BIAS:
+        tl.store(db_ptr + e * N + ns, db.to(db_ptr.dtype.element_ty), mask=nmask & (pid_k == 0))
+
+
+_fwd = autotuned(_grouped_fwd_kernel, _configs(), _KEY)
+_dx = autotuned(_grouped_dx_kernel, _configs(), _KEY)
+_dw = autotuned(_grouped_dw_kernel, _configs(), _KEY)
+
+
+def _bucket(m: int) -> int:
+    return max(int(m), 1).bit_length()
+
+
+# ------------------------------------------------------------------------------------ launchers
+
+
+def forward(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    offsets: torch.Tensor,
+    activation: str,
+    *,
+    sort_idx: torch.Tensor | None = None,
+    top_k: int = 1,
+    gather: bool = False,
+    scatter: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [M, N], pre [M, N] or [0]) with M = number of grouped rows; one launch.
+
+    gather: a is [T, K] in token order and row r reads a[sort_idx[r] // top_k].
+    scatter: y's row r is stored at sort_idx[r] (slot order); pre stays in grouped order.
+    """
+    check_dtype("x", a)
+    a, weight, offsets = a.contiguous(), weight.contiguous(), offsets.contiguous()
+    e, n, k = weight.shape
+    m = sort_idx.numel() if gather else a.shape[0]
+    act = ACT_CODES[activation]
+    y = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    pre = torch.empty(m, n, dtype=a.dtype, device=a.device) if act else a.new_empty(0)
+    if m == 0:
+        return y, pre
+    idx = sort_idx if sort_idx is not None else offsets
+    args = (
+        a,
+        weight,
+        weight if bias is None else bias.contiguous(),
+        y,
+        pre if act else y,
+        offsets,
+        idx,
+        n,
+        k,
+        e,
+        top_k,
+        _bucket(m),
+        bias is not None,
+        act,
+        gather,
+        scatter,
+        dot_precision(a.dtype),
+    )
+    launch(_fwd, lambda meta: (triton.cdiv(m, meta["BM"]) + e, triton.cdiv(n, meta["BN"])), args, _FIXED)
+    return y, pre
+
+
+def backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    pre: torch.Tensor,
+    activation: str,
+    has_bias: bool,
+    *,
+    sort_idx: torch.Tensor | None = None,
+    top_k: int = 1,
+    gather_x: bool = False,
+    scatter_dx: bool = False,
+    routing_weights: torch.Tensor | None = None,
+    y_slot: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dw, db or None, grad routing weights or None); two launches (dX, dW + db).
+
+    grad: [M, N] in grouped order, or with `routing_weights` [T, k] given, grad_out [T, N] of the
+    weighted combine (gathered and scaled on load); `y_slot` [T*k, N] (the forward's output in
+    slot order) then also gives the routing weights' gradient.
+    gather_x: x is [T, K] in token order (the forward gathered it). scatter_dx: dx is written in
+    slot order [T*k, K] (then summed over k by the caller).
+    """
+    grad, x, weight, offsets = grad.contiguous(), x.contiguous(), weight.contiguous(), offsets.contiguous()
+    e, n, k = weight.shape
+    m = sort_idx.numel() if sort_idx is not None else x.shape[0]
+    act = ACT_CODES[activation]
+    gather_g = routing_weights is not None
+    gw_on = gather_g and y_slot is not None
+    dx = torch.empty(m, k, dtype=x.dtype, device=x.device)
+    dw = torch.empty_like(weight)
+    db = torch.empty(e, n, dtype=weight.dtype, device=weight.device) if has_bias else None
+    grw = torch.empty_like(routing_weights) if gw_on else None
+    idx = sort_idx if sort_idx is not None else offsets
+    rw = routing_weights.contiguous() if gather_g else grad
+    prec = dot_precision(x.dtype)
+    bucket = _bucket(m)
+    if m:
+        dx_args = (
+            grad,
+            pre if act else grad,
+            weight,
+            dx,
+            offsets,
+            idx,
+            rw,
+            y_slot.contiguous() if gw_on else grad,
+            grw if gw_on else grad,
+            n,
+            k,
+            e,
+            top_k,
+            bucket,
+            act,
+            gather_g,
+            scatter_dx,
+            gw_on,
+            prec,
+        )
+        launch(_dx, lambda meta: (triton.cdiv(m, meta["BM"]) + e, triton.cdiv(k, meta["BK"])), dx_args, _FIXED)
+    dw_args = (
+        grad,
+        pre if act else grad,
+        x,
+        dw,
+        db if has_bias else dw,
+        offsets,
+        idx,
+        rw,
+        n,
+        k,
+        top_k,
+        bucket,
+        has_bias,
+        act,
+        gather_x,
+        gather_g,
+        prec,
+    )
+    launch(_dw, lambda meta: (e, triton.cdiv(n, meta["BN"]), triton.cdiv(k, meta["BK"])), dw_args, _FIXED)
+    return dx, dw, db, grw
+
+
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offsets: torch.Tensor, activation: str = "none"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton `grouped_linear` (one launch): same contract as the reference."""
+    return forward(x, weight, bias, offsets, activation)
+
+
+def grouped_linear_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    pre: torch.Tensor,
+    activation: str,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Triton `grouped_linear_backward` (two launches)."""
+    dx, dw, db, _ = backward(grad_y, x, weight, offsets, pre, activation, has_bias)
+    return dx, dw, db
