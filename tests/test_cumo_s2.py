@@ -78,3 +78,13 @@ def test_rejects_what_it_cannot_do():
         cumo.MultiScaleVisionTower(tiny_clip(), scales=(3, 1))
     with pytest.raises(ValueError, match="square"):
         cumo.MultiScaleVisionTower(tiny_clip())(torch.randn(1, 3, 42, 28))
+
+
+def test_demo_runs(capsys):
+    from cumo.demo import main
+
+    main(["--steps", "1"])
+    out = capsys.readouterr().out
+    assert "backend: torch" in out and "step 1: loss" in out
+    diff = float(out.split("max |diff| ")[1].split()[0])
+    assert diff < 1e-5  # upcycling kept the dense outputs
