@@ -123,6 +123,8 @@ def from_pretrained(
     model_class: type | None = None,
     backend: str | None = None,
     dtype: torch.dtype | None = None,
+    num_experts: int | None = None,
+    top_k: int | None = None,
 ) -> nn.Module:
     """Reload a converted model written by Hugging Face `save_pretrained`, MoE included.
 
@@ -138,6 +140,8 @@ def from_pretrained(
         model_class: the transformers class (default: the config's `architectures[0]`).
         backend: passed through to the kernels.
         dtype: cast the model to this dtype after loading (default: as built, float32).
+        num_experts, top_k: E and k where the config has no `cumo_moe` (a CuMo tower saved with a
+            plain CLIP config); given with one, they must agree with it.
     """
     try:
         import transformers
@@ -149,7 +153,15 @@ def from_pretrained(
     config = transformers.AutoConfig.from_pretrained(path)
     moe = getattr(config, "cumo_moe", None)
     if not isinstance(moe, dict):
-        raise ValueError(f"{path}: config has no `cumo_moe` entry; was it saved from a converted model?")
+        if num_experts is None or top_k is None:
+            raise ValueError(
+                f"{path}: config has no `cumo_moe` entry (not saved from a converted model): "
+                "pass num_experts= and top_k="
+            )
+        moe = {"num_experts": num_experts, "top_k": top_k}
+    for name, given in (("num_experts", num_experts), ("top_k", top_k)):
+        if given is not None and given != moe[name]:
+            raise ValueError(f"{name}={given} disagrees with the saved config's cumo_moe {moe}")
     if model_class is None:
         arch = (getattr(config, "architectures", None) or [None])[0]
         if arch is None or not hasattr(transformers, arch):

@@ -278,3 +278,21 @@ def test_upcycled_clip_mlp_equals_its_dense_source(gate):
         torch.testing.assert_close(y, dense(x), rtol=1e-5, atol=1e-6)
     assert balance.dtype == torch.float32 and z.dtype == torch.float32
     assert sorted(moe.state_dict())[:3] == ["experts.0.fc1.bias", "experts.0.fc1.weight", "experts.0.fc2.bias"]
+
+
+def test_from_pretrained_of_a_cumo_tower_with_a_plain_config(tmp_path):
+    """A CuMo tower checkpoint (CuMo's keys, no post_layernorm) next to a plain CLIP config."""
+    from safetensors.torch import save_file
+
+    from cumo.checkpoint import to_cumo
+
+    model = cumo.convert_clip_to_moe(tiny_clip(7))
+    scramble_gates(model, 16)
+    tiny_clip(8).save_pretrained(tmp_path)  # config without cumo_moe (and a dense file, replaced below)
+    save_file({k: v.contiguous() for k, v in to_cumo(model.state_dict()).items()}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="num_experts"):
+        cumo.from_pretrained(tmp_path)
+    loaded = cumo.from_pretrained(tmp_path, num_experts=E, top_k=K)
+    x = pixels(seed=17)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).last_hidden_state, model(x).last_hidden_state, rtol=0, atol=0)
