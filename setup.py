@@ -36,9 +36,13 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 DEFAULT_ARCHS = "80;90a"
-# Sources compiled only for some archs: file -> the archs (prefix match) it is built for. The
-# CUTLASS sm90 kernel needs sm_90a; everything else is built for every arch in the list.
-ARCH_ONLY: dict[str, tuple[str, ...]] = {"cutlass_sm90.cu": ("90a",)}
+# Sources compiled only for some archs: file-name prefix -> the archs it is built for. The CUTLASS
+# sm90 kernels need sm_90a; everything else is built for every arch in the list.
+ARCH_ONLY: dict[str, tuple[str, ...]] = {"cutlass_sm90": ("90a",)}
+
+
+def _arch_only(name: str) -> tuple[str, ...] | None:
+    return next((archs for prefix, archs in ARCH_ONLY.items() if name.startswith(prefix)), None)
 
 
 def _say(msg: str) -> None:
@@ -147,6 +151,8 @@ class CudaBuildExt(build_ext):
         includes = [CSRC, _pybind11_include(), *_cutlass_includes(), Path(sysconfig.get_paths()["include"])]
         inc = " ".join(f"-I{shlex.quote(str(p))}" for p in includes)
         defines = "-DNDEBUG " + shlex.quote(f'-DCUMO_ARCHS="{",".join(archs)}"')
+        if "90a" in archs:
+            defines += " -DCUMO_WITH_SM90"
         nvcc_flags = (
             "-O3 -std=c++17 -lineinfo --expt-relaxed-constexpr -Xcompiler -fPIC -Xcompiler -fvisibility=hidden "
             "-Xcudafe --diag_suppress=177 " + defines
@@ -156,7 +162,7 @@ class CudaBuildExt(build_ext):
         lib_dir = _cudart_dir(cuda_home)
 
         def gencode(name: str) -> tuple[str, list[str]]:
-            only = ARCH_ONLY.get(name)
+            only = _arch_only(name)
             use = [a for a in archs if only is None or a in only]
             return " ".join(f"-gencode arch=compute_{a},code=sm_{a}" for a in use), use
 
@@ -185,7 +191,7 @@ class CudaBuildExt(build_ext):
         for src in sorted(CSRC.glob("*.cu")):
             flags, use = gencode(src.name)
             if not use:
-                plan.append(f"{src.name}: skipped (needs one of {ARCH_ONLY[src.name]}, archs are {archs})")
+                plan.append(f"{src.name}: skipped (needs one of {_arch_only(src.name)}, archs are {archs})")
                 continue
             obj = build_dir / (src.stem + ".o")
             lines += [f"build {obj}: nvcc {src}", f"  gencode = {flags}", f"  archs = {','.join(use)}"]

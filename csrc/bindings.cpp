@@ -44,17 +44,18 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("weights"), py::arg("T"), py::arg("k"), py::arg("N"), py::arg("dtype"), py::arg("grad_y_sorted"),
         py::arg("grad_weights"), py::arg("workspace"), py::arg("stream"), py::arg("device"));
 
-  m.def("gemm_workspace_bytes", &gemm_workspace_bytes, py::arg("M"), py::arg("E"));
+  m.def("gemm_workspace_bytes", &gemm_workspace_bytes, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("E"),
+        py::arg("dtype"), py::arg("use_cutlass"), py::arg("device"));
   m.def("cutlass_supports", &cutlass_supports, py::arg("capability"), py::arg("dtype"),
         "Whether this build has a CUTLASS grouped GEMM for this compute capability and dtype code.");
   m.def("grouped_linear_forward", &grouped_linear_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("offsets"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("E"), py::arg("dtype"), py::arg("act"),
-        py::arg("y"), py::arg("pre"), py::arg("workspace"), py::arg("use_cutlass"), py::arg("stream"),
-        py::arg("device"));
+        py::arg("y"), py::arg("pre"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("use_cutlass"),
+        py::arg("stream"), py::arg("device"));
   m.def("grouped_linear_backward", &grouped_linear_backward, py::arg("grad_y"), py::arg("x"), py::arg("weight"),
         py::arg("offsets"), py::arg("pre"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("E"), py::arg("dtype"),
         py::arg("act"), py::arg("grad_x"), py::arg("grad_w"), py::arg("grad_b"), py::arg("grad_pre"),
-        py::arg("workspace"), py::arg("use_cutlass"), py::arg("stream"), py::arg("device"));
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("use_cutlass"), py::arg("stream"), py::arg("device"));
 
   py::class_<HostRoute>(m, "HostRoute")
       .def_readonly("weights", &HostRoute::weights)

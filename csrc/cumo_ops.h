@@ -38,14 +38,16 @@ void unpermute_backward(u64 grad_out, u64 y_sorted, u64 sort_idx, u64 weights, i
                         u64 grad_y_sorted, u64 grad_weights, u64 workspace, u64 stream, int device);
 
 // grouped_gemm.cu
-i64 gemm_workspace_bytes(i64 M, int E);
+// Workspace of one grouped GEMM call (forward or backward), for the SIMT or the CUTLASS path.
+i64 gemm_workspace_bytes(i64 M, i64 K, i64 N, int E, int dtype, bool use_cutlass, int device);
 // cutlass_*.cu: whether a CUTLASS grouped GEMM for compute capability `cc` and `dtype` is built.
 bool cutlass_supports(int cc, int dtype);
 void grouped_linear_forward(u64 x, u64 weight, u64 bias, u64 offsets, i64 M, i64 K, i64 N, int E, int dtype,
-                            int act, u64 y, u64 pre, u64 workspace, bool use_cutlass, u64 stream, int device);
+                            int act, u64 y, u64 pre, u64 workspace, i64 workspace_bytes, bool use_cutlass, u64 stream,
+                            int device);
 void grouped_linear_backward(u64 grad_y, u64 x, u64 weight, u64 offsets, u64 pre, i64 M, i64 K, i64 N, int E,
                              int dtype, int act, u64 grad_x, u64 grad_w, u64 grad_b, u64 grad_pre, u64 workspace,
-                             bool use_cutlass, u64 stream, int device);
+                             i64 workspace_bytes, bool use_cutlass, u64 stream, int device);
 
 // host_tests.cu: the __host__ __device__ helpers run on host arrays (CI checks them on the CPU).
 struct HostRoute {

@@ -156,8 +156,53 @@ __global__ void act_backward_kernel(const T* __restrict__ grad_y, const T* __res
   if (i < n) Elem<T>::store(g, i, Elem<T>::load(grad_y, i) * act_derivative(Elem<T>::load(pre, i), act));
 }
 
+// The epilogue after a CUTLASS GEMM (whose own epilogue stores acc rounded to the dtype): one
+// block per row; v = d + bias[e]; with an activation pre = v and y = act(pre), else y = v.
+template <typename T>
+__global__ void bias_act_kernel(const T* __restrict__ d, const T* __restrict__ bias, const int64_t* __restrict__ offsets,
+                                int E, int64_t N, int act, T* __restrict__ pre, T* __restrict__ y) {
+  const int64_t r = blockIdx.x;
+  int lo = 0, hi = E - 1;  // the expert owning row r: the last e with offsets[e] <= r
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= r)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+    float v = Elem<T>::load(d, r * N + n);
+    if (bias) v += Elem<T>::load(bias, lo * N + n);
+    if (act != kNone) {
+      Elem<T>::store(pre, r * N + n, v);
+      v = act_apply(round_as<T>(v), act);
+    }
+    Elem<T>::store(y, r * N + n, v);
+  }
+}
+
+GroupedCall make_call(int kind, u64 a, u64 b, u64 d, u64 offsets, i64 K, i64 N, int E, u64 workspace, i64 ws_bytes,
+                      cudaStream_t s, int device) {
+  GroupedCall c{};
+  c.kind = kind;
+  c.K = K;
+  c.N = N;
+  c.E = E;
+  c.a = a;
+  c.b = b;
+  c.d = d;
+  c.offsets = offsets;
+  c.workspace = workspace;
+  c.workspace_bytes = static_cast<uint64_t>(ws_bytes);
+  c.stream = s;
+  c.device = device;
+  return c;
+}
+
+constexpr i64 kTilesBytes = 4096;  // the SIMT tile schedule: (E+1) ints, E <= 1023
+
 void check_gemm_args(int E, int act, i64 M, i64 K, i64 N) {
-  if (E < 1 || E > 65535) throw std::invalid_argument("cumo_kernels._cuda: grouped GEMM needs 1 <= E <= 65535");
+  if (E < 1 || E > 1023) throw std::invalid_argument("cumo_kernels._cuda: grouped GEMM needs 1 <= E <= 1023");
   if (act < kNone || act > kRelu)
     throw std::invalid_argument("cumo_kernels._cuda: activation code " + std::to_string(act) + " is not in 0..5");
   if (M < 0 || K < 0 || N < 0) throw std::invalid_argument("cumo_kernels._cuda: negative GEMM size");
@@ -172,22 +217,35 @@ int* tile_schedule(const int64_t* offsets, int E, u64 workspace, cudaStream_t s)
 
 }  // namespace
 
-i64 gemm_workspace_bytes(i64 M, int E) {
-  // The SIMT tile schedule (E+1 ints), then the CUTLASS problem list (cutlass_paths.h).
-  const i64 tiles = ((E + 1) * static_cast<i64>(sizeof(int)) + 255) / 256 * 256;
-  return tiles + cutlass_workspace_bytes(M, E);
+i64 gemm_workspace_bytes(i64 M, i64 K, i64 N, int E, int dtype, bool use_cutlass, int device) {
+  (void)M;
+  if (!use_cutlass) return kTilesBytes;
+  DeviceGuard guard(device);
+  return kTilesBytes + cutlass_workspace_bytes(E, K, N, dtype, device);
 }
 
 void grouped_linear_forward(u64 x, u64 weight, u64 bias, u64 offsets, i64 M, i64 K, i64 N, int E, int dtype,
-                            int act, u64 y, u64 pre, u64 workspace, bool use_cutlass, u64 stream, int device) {
+                            int act, u64 y, u64 pre, u64 workspace, i64 workspace_bytes, bool use_cutlass, u64 stream,
+                            int device) {
   check_dtype(dtype);
   check_gemm_args(E, act, M, K, N);
   DeviceGuard guard(device);
   if (M == 0 || N == 0) return;
   cudaStream_t s = as_stream(stream);
   if (use_cutlass) {
-    const i64 skip = gemm_workspace_bytes(M, E) - cutlass_workspace_bytes(M, E);
-    cutlass_grouped_forward(x, weight, bias, offsets, M, K, N, E, dtype, act, y, pre, workspace + skip, s, device);
+    if (K == 0) throw std::invalid_argument("cumo_kernels._cuda: the CUTLASS path needs K > 0");
+    const u64 d = act != kNone ? pre : y;
+    cutlass_grouped(make_call(kForward, x, weight, d, offsets, K, N, E, workspace + kTilesBytes,
+                              workspace_bytes - kTilesBytes, s, device),
+                    dtype);
+    if (bias || act != kNone) {
+      dispatch_dtype(dtype, [&](auto tag) {
+        using Tp = decltype(tag);
+        bias_act_kernel<Tp><<<M, 256, 0, s>>>(ptr<const Tp>(d), ptr<const Tp>(bias), ptr<const int64_t>(offsets), E, N,
+                                              act, ptr<Tp>(pre), ptr<Tp>(y));
+      });
+      check_launch("bias_act_kernel");
+    }
     return;
   }
   const int64_t* off = ptr<const int64_t>(offsets);
@@ -205,7 +263,7 @@ void grouped_linear_forward(u64 x, u64 weight, u64 bias, u64 offsets, i64 M, i64
 
 void grouped_linear_backward(u64 grad_y, u64 x, u64 weight, u64 offsets, u64 pre, i64 M, i64 K, i64 N, int E,
                              int dtype, int act, u64 grad_x, u64 grad_w, u64 grad_b, u64 grad_pre, u64 workspace,
-                             bool use_cutlass, u64 stream, int device) {
+                             i64 workspace_bytes, bool use_cutlass, u64 stream, int device) {
   check_dtype(dtype);
   check_gemm_args(E, act, M, K, N);
   DeviceGuard guard(device);
@@ -225,9 +283,14 @@ void grouped_linear_backward(u64 grad_y, u64 x, u64 weight, u64 offsets, u64 pre
       check_launch("grouped_bias_grad_kernel");
     }
     if (use_cutlass) {
-      const i64 skip = gemm_workspace_bytes(M, E) - cutlass_workspace_bytes(M, E);
-      cutlass_grouped_backward(reinterpret_cast<u64>(g), x, weight, offsets, M, K, N, E, dtype, grad_x, grad_w,
-                               workspace + skip, s, device);
+      if (M == 0 || N == 0 || K == 0) throw std::invalid_argument("cumo_kernels._cuda: the CUTLASS path needs M, N, K > 0");
+      const u64 gp = reinterpret_cast<u64>(g);
+      cutlass_grouped(make_call(kGradW, gp, x, grad_w, offsets, K, N, E, workspace + kTilesBytes,
+                                workspace_bytes - kTilesBytes, s, device),
+                      dtype);
+      cutlass_grouped(make_call(kGradX, gp, weight, grad_x, offsets, K, N, E, workspace + kTilesBytes,
+                                workspace_bytes - kTilesBytes, s, device),
+                      dtype);
       return;
     }
     if (N > 0 && K > 0) {

@@ -28,7 +28,8 @@ else:
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ACTIVATION_CODES: dict[str, int] = {"none": 0, "quick_gelu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "relu": 5}
-MAX_EXPERTS = 64
+MAX_EXPERTS = 64  # routing: one token's scores in registers
+MAX_GEMM_EXPERTS = 1023
 _BUILD_HINT = "build it with `pip install .` on a machine with nvcc (CUDA_HOME), without CUMO_SKIP_CUDA_BUILD"
 
 assert set(ACTIVATIONS) <= set(ACTIVATION_CODES)
@@ -238,6 +239,11 @@ def unpermute_backward(
 # ------------------------------------------------------------------------------- grouped GEMM
 
 
+def _check_experts(e: int) -> None:
+    if e > MAX_GEMM_EXPERTS:
+        raise Unsupported(f"cuda backend: the grouped GEMM takes at most {MAX_GEMM_EXPERTS} experts, got E={e}")
+
+
 def _use_cutlass(dev: torch.device, code: int, *operands: torch.Tensor) -> bool:
     """The CUTLASS path where it is built for this device and dtype and every operand is 16-byte
     aligned (DESIGN.md: with problem shapes on the device CUTLASS cannot check alignment itself).
@@ -268,17 +274,18 @@ def grouped_linear(
     code = _dtype_code("x", x)
     m, kdim = x.shape
     e, n, _ = weight.shape
+    _check_experts(e)
     act = ACTIVATION_CODES[activation]
     y = torch.empty(m, n, dtype=x.dtype, device=dev)
     pre = x.new_empty(0) if activation == "none" else torch.empty(m, n, dtype=x.dtype, device=dev)
     if y.numel() == 0:
         return y, pre
     ops = [x, weight, y] + ([bias] if bias is not None else []) + ([pre] if activation != "none" else [])
-    cutlass = _use_cutlass(dev, code, *ops)
-    ws = _workspace(_cuda.gemm_workspace_bytes(m, e), dev)
+    cutlass = kdim > 0 and _use_cutlass(dev, code, *ops)
+    ws = _workspace(_cuda.gemm_workspace_bytes(m, kdim, n, e, code, cutlass, dev.index), dev)
     _cuda.grouped_linear_forward(
-        x.data_ptr(), weight.data_ptr(), _ptr(bias), offsets.data_ptr(), m, kdim, n, e, code, act, y.data_ptr(),
-        _ptr(pre), ws.data_ptr(), cutlass, _stream(dev), dev.index,
+        _ptr(x), weight.data_ptr(), _ptr(bias), offsets.data_ptr(), m, kdim, n, e, code, act, y.data_ptr(),
+        _ptr(pre), ws.data_ptr(), ws.numel(), cutlass, _stream(dev), dev.index,
     )  # fmt: skip
     return y, pre
 
@@ -305,6 +312,7 @@ def grouped_linear_backward(
     code = _dtype_code("x", x)
     m, kdim = x.shape
     e, n, _ = weight.shape
+    _check_experts(e)
     act = ACTIVATION_CODES[activation]
     grad_x = torch.empty_like(x)
     grad_w = torch.empty_like(weight)
@@ -312,9 +320,9 @@ def grouped_linear_backward(
     grad_pre = torch.empty(m, n, dtype=x.dtype, device=dev) if activation != "none" and m * n else None
     ops = [x, weight, g, grad_x, grad_w] + ([grad_pre] if grad_pre is not None else [])
     cutlass = m > 0 and n > 0 and kdim > 0 and _use_cutlass(dev, code, *ops)
-    ws = _workspace(_cuda.gemm_workspace_bytes(m, e), dev)
+    ws = _workspace(_cuda.gemm_workspace_bytes(m, kdim, n, e, code, cutlass, dev.index), dev)
     _cuda.grouped_linear_backward(
         _ptr(g), _ptr(x), _ptr(weight), offsets.data_ptr(), _ptr(pre), m, kdim, n, e, code, act, _ptr(grad_x),
-        _ptr(grad_w), _ptr(grad_b), _ptr(grad_pre), ws.data_ptr(), cutlass, _stream(dev), dev.index,
+        _ptr(grad_w), _ptr(grad_b), _ptr(grad_pre), ws.data_ptr(), ws.numel(), cutlass, _stream(dev), dev.index,
     )  # fmt: skip
     return grad_x, grad_w, grad_b

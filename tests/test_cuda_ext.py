@@ -69,8 +69,8 @@ DEVICE_CALLS = {
     "permute_backward": (0, 0, 4, 2, 8, 0, 0, 0, 0, 0),
     "unpermute_forward": (0, 0, 0, 4, 2, 8, 0, 0, 0, 0, 0),
     "unpermute_backward": (0, 0, 0, 0, 4, 2, 8, 0, 0, 0, 0, 0, 0),
-    "grouped_linear_forward": (0, 0, 0, 0, 8, 8, 8, 4, 0, 1, 0, 0, 0, False, 0, 0),
-    "grouped_linear_backward": (0, 0, 0, 0, 0, 8, 8, 8, 4, 0, 1, 0, 0, 0, 0, 0, False, 0, 0),
+    "grouped_linear_forward": (0, 0, 0, 0, 8, 8, 8, 4, 0, 1, 0, 0, 0, 4096, False, 0, 0),
+    "grouped_linear_backward": (0, 0, 0, 0, 0, 8, 8, 8, 4, 0, 1, 0, 0, 0, 0, 0, 4096, False, 0, 0),
 }
 
 

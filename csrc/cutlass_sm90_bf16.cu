@@ -1,0 +1,9 @@
+// The sm90 grouped GEMM for bfloat16 (three layouts: forward, grad_x, grad_w). sm_90a only.
+#include "cutlass_sm90.cuh"
+
+namespace cumo::sm90 {
+void run_bf16(const GroupedCall& c) { run<cutlass::bfloat16_t>(c); }
+size_t workspace_bf16(int E, int64_t K, int64_t N, int device) {
+  return workspace<cutlass::bfloat16_t>(E, K, N, device);
+}
+}  // namespace cumo::sm90
