@@ -59,14 +59,19 @@ def _layer_load_pre_hook(module: nn.Module, sd: dict[str, Any], prefix: str, *ar
         sd[prefix + "mlp." + k[len(prefix) :]] = sd.pop(k)
 
 
-def convert_layer(layer: nn.Module, num_experts: int, top_k: int, backend: str | None) -> None:
-    """Turn a CLIPEncoderLayer into a CLIPMoEEncoderLayer in place (co-upcycling its MLP)."""
+def check_layer(layer: nn.Module) -> None:
+    """Raise unless `layer` is a (dense) transformers CLIPEncoderLayer."""
     if isinstance(layer, CLIPMoEEncoderLayer):
         raise ValueError("model: this CLIP encoder is already converted to MoE")
     if type(layer) is not CLIPEncoderLayer:
         raise TypeError(
             f"model: expected encoder layers of class CLIPEncoderLayer (transformers >= 5), got {type(layer).__name__}"
         )
+
+
+def convert_layer(layer: nn.Module, num_experts: int, top_k: int, backend: str | None) -> None:
+    """Turn a CLIPEncoderLayer into a CLIPMoEEncoderLayer in place (co-upcycling its MLP)."""
+    check_layer(layer)
     moe = upcycle_mlp(layer.mlp, num_experts=num_experts, top_k=top_k, backend=backend)
     assert isinstance(moe, CLIPMoEMLP)
     layer.mlp = moe

@@ -70,6 +70,8 @@ def convert_clip_to_moe(
     """
     clip_layer = _clip_layer_module()
     encoder = find_clip_encoder(model)
+    for layer in encoder.layers:  # all or nothing: check every layer before converting any
+        clip_layer.check_layer(layer)
     for layer in encoder.layers:
         clip_layer.convert_layer(layer, num_experts, top_k, backend)
     config = getattr(model, "config", None)
