@@ -234,3 +234,22 @@ def test_aux_loss_uses_cumos_coefficients_per_place():
     assert cumo.aux_loss(None, (cb, cz)).item() == pytest.approx(0.05 + (0.01 * cz).float().item())
     with pytest.raises(ValueError):
         cumo.aux_loss(None)
+
+
+def test_forward_hands_the_stacked_parameters_to_the_kernels(monkeypatch):
+    """No stacking copy per forward: moe_mlp receives the module's own parameter tensors."""
+    import cumo_kernels.nn as knn
+
+    m = cumo.MLPMoE(E, K, MM, CH)
+    seen = {}
+    real = knn.moe_mlp
+
+    def spy(x, gate_weight, w1, b1, w2, b2, **kw):
+        seen.update(gate=gate_weight, w1=w1, b1=b1, w2=w2, b2=b2, kw=kw)
+        return real(x, gate_weight, w1, b1, w2, b2, **kw)
+
+    monkeypatch.setattr(knn, "moe_mlp", spy)
+    m(torch.randn(2, 3, MM))
+    assert seen["gate"] is m.gate.weight and seen["w1"] is m.w1 and seen["b1"] is m.b1
+    assert seen["w2"] is m.w2 and seen["b2"] is m.b2
+    assert seen["kw"]["activation"] == "gelu" and seen["kw"]["top_k"] == K

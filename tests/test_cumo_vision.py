@@ -296,3 +296,14 @@ def test_from_pretrained_of_a_cumo_tower_with_a_plain_config(tmp_path):
     x = pixels(seed=17)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).last_hidden_state, model(x).last_hidden_state, rtol=0, atol=0)
+
+
+def test_bfloat16_model_and_pickling(tmp_path):
+    model = cumo.convert_clip_to_moe(tiny_clip(9)).to(torch.bfloat16)
+    model(pixels().to(torch.bfloat16))
+    balance, z = cumo.collect_aux_losses(model)
+    assert balance.dtype == torch.float32 and z.dtype == torch.bfloat16  # CUMO.md's loss dtypes
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert type(loaded.encoder.layers[0]).__name__ == "CLIPMoEEncoderLayer"
+    assert sorted(loaded.state_dict()) == sorted(model.state_dict())
