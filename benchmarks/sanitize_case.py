@@ -2,8 +2,11 @@
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_case.py
 
-Small on purpose (the sanitizer slows kernels 10-100x): 2 samples of 37 tokens, and both an
-aligned bf16 case and a misaligned fp32 case (dims not multiples of 4/8: the fallback paths).
+Small on purpose (the sanitizer slows kernels 10-100x): 2 samples of 37 tokens, and an aligned
+bf16 case (on the cuda backend: the CUTLASS grouped GEMM on sm90/sm80), the same with one expert
+that gets no token (the device-built problem list's dummy problems, zero dW and db), an aligned
+fp16 case, and a misaligned fp32 case (dims not multiples of 4/8: the fallback paths, on the cuda
+backend its SIMT grouped GEMM).
 Prints one line per (backend, case) (ok, REFUSED: the backend raised and the CUDA context is
 healthy, or FAILED) and "SANITIZE_CASE OK" at the end; exits 1 on a failure, 2 when there is no
 CUDA device.
@@ -32,6 +35,8 @@ def _sync() -> None:
 CASES = (
     # name, samples, tokens per sample, in, hidden, out, E, k, activation, dtype
     ("aligned-bf16", 2, 37, 64, 128, 64, 4, 2, "quick_gelu", torch.bfloat16),
+    ("empty-expert-bf16", 2, 37, 64, 128, 64, 4, 2, "gelu", torch.bfloat16),
+    ("aligned-fp16", 2, 37, 64, 128, 64, 4, 2, "silu", torch.float16),
     ("misaligned-fp32", 2, 37, 30, 62, 34, 4, 2, "gelu", torch.float32),
 )
 
@@ -46,6 +51,13 @@ def one(backend: str, case: tuple) -> None:
 
     x = rnd(b, n, d_in)
     gate, w1, b1 = rnd(e, d_in, scale=d_in**-0.5), rnd(e, hid, d_in, scale=d_in**-0.5), rnd(e, hid, scale=0.1)
+    if name.startswith("empty-expert"):
+        # A constant input feature and a gate that puts the last expert far below the others:
+        # it is nobody's choice (k < E), so its group is empty.
+        with torch.no_grad():
+            x[..., 0] = 1.0
+            gate[:, 0] = 0.0
+            gate[-1, 0] = -30.0
     w2, b2 = rnd(e, d_out, hid, scale=hid**-0.5), rnd(e, d_out, scale=0.1)
     y, bal, z = cumo_kernels.moe_mlp(x, gate, w1, b1, w2, b2, top_k=k, activation=act, backend=backend)
     dy = torch.randn(y.shape, generator=g).to(DEVICE, dtype)
@@ -55,7 +67,7 @@ def one(backend: str, case: tuple) -> None:
     if bad:
         raise RuntimeError(f"non-finite values in {', '.join(bad)}")
     print(
-        f"{backend:<7} {name:<16} y {tuple(y.shape)} balance {float(bal.detach()):.4f} z {float(z.detach()):.4f} ok",
+        f"{backend:<7} {name:<18} y {tuple(y.shape)} balance {float(bal.detach()):.4f} z {float(z.detach()):.4f} ok",
         flush=True,
     )
 
@@ -84,7 +96,7 @@ def main() -> int:
                 word = "REFUSED" if healthy and isinstance(exc, (RuntimeError, ValueError)) else "FAILED"
                 failed += word == "FAILED"
                 msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                print(f"{backend:<7} {case[0]:<16} {word} {type(exc).__name__}: {msg}", flush=True)
+                print(f"{backend:<7} {case[0]:<18} {word} {type(exc).__name__}: {msg}", flush=True)
     if failed:
         print(f"SANITIZE_CASE FAILED ({failed})", flush=True)
         return 1
