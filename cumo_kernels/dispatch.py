@@ -124,25 +124,38 @@ def select(backend: str | None, device: torch.device) -> str:
 
 
 class _AutoImplementation:
-    """`implementation("auto")`: each op function tries the backends in auto's order that can run
-    on its operands' device type, and takes the first that does not raise Unsupported."""
+    """`implementation("auto")` where auto's choice may refuse operands (only on CUDA tensors:
+    on CPU tensors auto is the torch backend). An op function tries, in auto's order, the
+    backends that can run on its operands' device type and define it, and takes the first that
+    does not raise Unsupported. Other attributes (flags such as FUSED_MOE) are those of auto's
+    first choice, so "auto" behaves as that backend unless an operand is refused."""
 
-    def __getattr__(self, op: str) -> Callable:
+    def _runnable(self, device_type: str) -> list[ModuleType]:
+        return [_REGISTRY[c].load() for c in _AUTO_ORDER if _REGISTRY[c].refusal(device_type) is None]
+
+    def __getattr__(self, op: str):
         if op.startswith("__"):
             raise AttributeError(op)
+        modules = self._runnable("cuda")
+        if not modules:
+            raise AttributeError(op)
+        first = getattr(modules[0], op, None)
+        if first is not None and not callable(first):
+            return first
+        if not any(callable(getattr(m, op, None)) for m in modules):
+            raise AttributeError(f"no backend auto can choose defines {op!r}")
 
         def run(*args, **kwargs):
-            dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+            dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cuda")
             reasons = []
-            for cand in _AUTO_ORDER:
-                why = _REGISTRY[cand].refusal(dev)
-                fn = None if why is not None else getattr(_REGISTRY[cand].load(), op, None)
-                if fn is None:
+            for mod in self._runnable(dev):
+                fn = getattr(mod, op, None)
+                if not callable(fn):
                     continue
                 try:
                     return fn(*args, **kwargs)
                 except Unsupported as exc:
-                    reasons.append(f"{cand}: {exc}")
+                    reasons.append(str(exc))
             raise RuntimeError(f"no backend can run {op} on these {dev} operands: " + "; ".join(reasons))
 
         return run

@@ -250,6 +250,11 @@ def test_auto_falls_back_on_unsupported_and_explicit_raises(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     with pytest.raises(RuntimeError, match="fake refusal"):
         dispatch.implementation("cuda").route(logits, 2, 1)
+    # Flags are auto's first choice's: the fake cuda module has no FUSED_MOE, so auto is not fused.
+    assert getattr(dispatch.implementation("auto"), "FUSED_MOE", False) is False
+    fake.FLAG = 7
+    assert dispatch.implementation("auto").FLAG == 7
+    assert getattr(dispatch.implementation("auto"), "no_such_op", None) is None
 
 
 def test_unsupported_is_a_runtime_error_with_the_reason():
