@@ -59,6 +59,15 @@ def _layer_load_pre_hook(module: nn.Module, sd: dict[str, Any], prefix: str, *ar
         sd[prefix + "mlp." + k[len(prefix) :]] = sd.pop(k)
 
 
+def _layer_load_post_hook(module: nn.Module, incompatible_keys: Any) -> None:
+    prefix = getattr(module.mlp, "_cumo_load_prefix", None)  # the mlp's: "<layer prefix>mlp."
+    if prefix is None or not prefix.endswith("mlp."):
+        return
+    layer_prefix = prefix[: -len("mlp.")]
+    missing = incompatible_keys.missing_keys
+    missing[:] = [layer_prefix + k[len(prefix) :] if k.startswith(prefix) else k for k in missing]
+
+
 def check_layer(layer: nn.Module) -> None:
     """Raise unless `layer` is a (dense) transformers CLIPEncoderLayer."""
     if isinstance(layer, CLIPMoEEncoderLayer):
@@ -79,3 +88,4 @@ def convert_layer(layer: nn.Module, num_experts: int, top_k: int, backend: str |
     layer.aux_losses = None
     layer.register_state_dict_post_hook(_layer_state_dict_hook)
     layer.register_load_state_dict_pre_hook(_layer_load_pre_hook)
+    layer.register_load_state_dict_post_hook(_layer_load_post_hook)

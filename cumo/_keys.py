@@ -10,7 +10,8 @@ boundary with two module hooks (torch's public `register_state_dict_post_hook` a
 - saving: the stacked entry is replaced by E per-expert entries, each a view `w1[e]` of it (no copy);
 - loading: CuMo's per-expert entries are stacked once into the stacked entry (the one copy that a
   load makes anyway); a dict that already holds the stacked names (a dict built from
-  `named_parameters()`, e.g. a consolidated DeepSpeed/FSDP checkpoint) loads as it is.
+  `named_parameters()`, e.g. a consolidated DeepSpeed/FSDP checkpoint) loads as it is; a
+  non-strict load reports missing experts under CuMo's names (a load post-hook).
 
 Why hooks and not a parametrisation: a parametrisation that exposes per-expert `nn.Linear`s would
 need the forward to stack them (a copy per forward), or the stacked tensor to be rebuilt from views
@@ -89,7 +90,22 @@ def load_state_dict_pre_hook(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
+    module._cumo_load_prefix = prefix
     stack(sd, prefix, module._cumo_expert_names, module.num_experts, error_msgs)
+
+
+def load_state_dict_post_hook(module: nn.Module, incompatible_keys: Any) -> None:
+    """Report missing stacked parameters under CuMo's per-expert names (what the checkpoint lacked)."""
+    prefix = getattr(module, "_cumo_load_prefix", None)
+    if prefix is None:
+        return
+    missing = incompatible_keys.missing_keys
+    for s in STACKED:
+        if prefix + s in missing:
+            i = missing.index(prefix + s)
+            missing[i : i + 1] = [
+                prefix + expert_key(module._cumo_expert_names, e, s) for e in range(module.num_experts)
+            ]
 
 
 def register(module: nn.Module, names: tuple[str, str]) -> None:
@@ -97,3 +113,4 @@ def register(module: nn.Module, names: tuple[str, str]) -> None:
     module._cumo_expert_names = tuple(names)
     module.register_state_dict_post_hook(state_dict_post_hook)
     module.register_load_state_dict_pre_hook(load_state_dict_pre_hook)
+    module.register_load_state_dict_post_hook(load_state_dict_post_hook)

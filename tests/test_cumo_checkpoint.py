@@ -159,3 +159,18 @@ def test_incomplete_experts_are_an_error():
         cumo.convert_clip_to_moe(tiny_clip(15)).load_state_dict(from_cumo(ckpt))
     with pytest.raises(ValueError, match="incomplete"):
         from_cumo(ckpt, stacked=True)
+
+
+def test_missing_experts_are_reported_under_cumos_names():
+    ckpt = from_cumo(cumo_tower_dict(trained_moe_clip(16)))
+    ckpt = {k: v for k, v in ckpt.items() if not k.startswith(("encoder.layers.0.experts.", "encoder.layers.0.gate."))}
+    result = cumo.convert_clip_to_moe(tiny_clip(17)).load_state_dict(ckpt, strict=False)
+    expected = ["encoder.layers.0.gate.weight"] + [
+        f"encoder.layers.0.experts.{e}.{fc}.{kind}"
+        for e in range(E)
+        for fc in ("fc1", "fc2")
+        for kind in ("weight", "bias")
+    ]
+    assert sorted(result.missing_keys) == sorted(expected) and result.unexpected_keys == []
+    with pytest.raises(RuntimeError, match=r'"experts\.0\.0\.weight"'):
+        cumo.MLPMoE(E, 2, 8, 6).load_state_dict({"gate.weight": torch.zeros(E, 8)})
