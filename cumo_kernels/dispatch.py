@@ -87,6 +87,13 @@ _AUTO_ORDER: tuple[str, ...] = ("cuda", "triton", "torch")
 _OPERAND_FALLBACK: frozenset[str] = frozenset({"cuda"})
 
 
+@torch.compiler.assume_constant_result
+def _refusal(name: str, device_type: str) -> str | None:
+    """`_REGISTRY[name].refusal(device_type)`, a constant to torch.compile (which cannot trace the
+    import of a backend module)."""
+    return _REGISTRY[name].refusal(device_type)
+
+
 def resolve_name(backend: str | None) -> str:
     """The requested backend's name: the argument, else $CUMO_KERNELS_BACKEND, else "auto"."""
     name = backend if backend is not None else os.environ.get(ENV_VAR) or "auto"
@@ -107,7 +114,7 @@ def select(backend: str | None, device: torch.device) -> str:
     name = resolve_name(backend)
     dev = torch.device(device).type
     if name != "auto":
-        why = _REGISTRY[name].refusal(dev)
+        why = _refusal(name, dev)
         if why is not None:
             raise RuntimeError(f"backend={name!r} cannot run on {dev} tensors: {why}")
         return name
@@ -116,7 +123,7 @@ def select(backend: str | None, device: torch.device) -> str:
         return "torch"
     reasons = []
     for cand in _AUTO_ORDER:
-        why = _REGISTRY[cand].refusal(dev)
+        why = _refusal(cand, dev)
         if why is None:
             return "auto" if cand in _OPERAND_FALLBACK else cand
         reasons.append(f"{cand}: {why}")

@@ -25,6 +25,13 @@ def _impl(backend: str, name: str):
     return getattr(dispatch.implementation(backend), name, None) or getattr(reference, name)
 
 
+@torch.compiler.assume_constant_result
+def backend_is_fused(backend: str) -> bool:
+    """Whether backend module `backend` asks for the fused composition (`FUSED_MOE = True`); a
+    constant to torch.compile, which cannot trace the import of a backend module."""
+    return bool(getattr(dispatch.implementation(backend), "FUSED_MOE", False))
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

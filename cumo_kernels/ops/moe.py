@@ -11,6 +11,11 @@ backward ops are custom ops too, named `<op>_backward`):
 - cumo::aux_losses: prob_sums, first_counts, z_sums -> balance [], z [] (backward in plain torch)
 
 The router logits are `F.linear(x, gate_weight)` in the activation dtype, an ordinary autograd op.
+
+A backend module with `FUSED_MOE = True` (the triton backend) gets the fused composition of
+ops/fused.py instead: cumo::route_x (router GEMM + routing) -> cumo::sort_experts ->
+cumo::grouped_linear_gather (fc1 reading x through the sort order) -> cumo::grouped_linear_combine
+(fc2 + weighted combine) -> cumo::aux_losses.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from torch import Tensor
 
 from .. import dispatch
 from ._common import check_activation, check_device, check_float, check_shape, check_top_k
-from .fused import fused_moe
+from .fused import backend_is_fused, fused_moe
 from .grouped_gemm import _grouped_linear
 from .permute import _permute, _unpermute
 from .routing import _aux_losses, _route
@@ -104,7 +109,7 @@ def moe_mlp(
         y = x.new_zeros(*lead, d_out) + zero.to(x.dtype)
         return y, zero.float(), zero.to(x.dtype)
 
-    if getattr(dispatch.implementation(name), "FUSED_MOE", False):
+    if backend_is_fused(name):
         # The backend's fused ops (ops/fused.py): routing from x, gather-on-load, combine.
         y, prob_sums, first_counts, z_sums = fused_moe(
             x2.contiguous(), gate_weight, w1, b1, w2, b2, top_k, activation, samples, name
