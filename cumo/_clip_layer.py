@@ -47,6 +47,14 @@ class CLIPMoEEncoderLayer(CLIPEncoderLayer):
         self.aux_losses = (balance, z)
         return h
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The last call's losses are outputs, not module state: after a forward with grad they are
+        # non-leaf tensors, which copy.deepcopy refuses (an EMA copy of a training model) and which
+        # torch.save would store with the model.
+        state = super().__getstate__()
+        state["aux_losses"] = None
+        return state
+
 
 def _layer_state_dict_hook(module: nn.Module, sd: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     src = prefix + "mlp."

@@ -93,13 +93,14 @@ def oracle_forward(model64: torch.nn.Module, pixel_values: torch.Tensor, dtype: 
 
 def test_converted_model_keeps_the_hf_forward_to_float32_rounding():
     """Upcycling identity at the model level: whatever the gate, the converted model is the dense one."""
-    dense = tiny_clip()
+    dense = tiny_clip(attn_implementation="eager")  # sdpa returns no attentions: nothing to compare
     moe = cumo.convert_clip_to_moe(copy.deepcopy(dense))
     scramble_gates(moe, 3)
     x = pixels()
     with torch.no_grad():
         a = dense(x, output_hidden_states=True, output_attentions=True)
         b = moe(x, output_hidden_states=True, output_attentions=True)
+    assert len(b.attentions) == len(a.attentions) == 2
     torch.testing.assert_close(b.last_hidden_state, a.last_hidden_state, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b.pooler_output, a.pooler_output, rtol=1e-5, atol=1e-5)
     assert len(b.hidden_states) == len(a.hidden_states) == 3
@@ -307,3 +308,22 @@ def test_bfloat16_model_and_pickling(tmp_path):
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     assert type(loaded.encoder.layers[0]).__name__ == "CLIPMoEEncoderLayer"
     assert sorted(loaded.state_dict()) == sorted(model.state_dict())
+
+
+def test_copies_and_pickles_after_a_training_forward(tmp_path):
+    """The last call's losses (non-leaf tensors) are not module state: deepcopy (an EMA copy) and
+    torch.save of a model that has just run a forward with grad work, and carry no stale losses."""
+    model = cumo.convert_clip_to_moe(tiny_clip(10)).train()
+    x = pixels()
+    out = model(x)
+    assert cumo.collect_aux_losses(model)[0].grad_fn is not None
+    ema = copy.deepcopy(model)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    for other in (ema, loaded):
+        assert all(layer.aux_losses is None for layer in other.encoder.layers)
+        with torch.no_grad():
+            torch.testing.assert_close(other(x).last_hidden_state, out.last_hidden_state, rtol=0, atol=0)
+        other_losses = cumo.collect_aux_losses(other)
+        torch.testing.assert_close(other_losses[0], cumo.collect_aux_losses(model)[0].detach())
+    assert model.encoder.layers[0].aux_losses is not None  # the original keeps its losses
