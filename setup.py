@@ -36,13 +36,15 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 DEFAULT_ARCHS = "80;90a"
-# Sources compiled only for some archs: file-name prefix -> the archs it is built for. The CUTLASS
-# sm90 kernels need sm_90a; everything else is built for every arch in the list.
-ARCH_ONLY: dict[str, tuple[str, ...]] = {"cutlass_sm90": ("90a",)}
+# Sources compiled only for some archs: file-name prefix -> a test of the arch. The CUTLASS sm90
+# kernels need sm_90a, the CUTLASS 2.x sm80 ones are for the 8.x archs; everything else is built
+# for every arch in the list.
+ARCH_ONLY: dict[str, tuple[str, str]] = {"cutlass_sm90": ("90a", "sm_90a"), "cutlass_sm80": ("8", "8.x archs")}
 
 
-def _arch_only(name: str) -> tuple[str, ...] | None:
-    return next((archs for prefix, archs in ARCH_ONLY.items() if name.startswith(prefix)), None)
+def _arch_only(name: str) -> tuple[str, str] | None:
+    """(arch prefix, description) for sources built only for some archs, else None."""
+    return next((rule for prefix, rule in ARCH_ONLY.items() if name.startswith(prefix)), None)
 
 
 def _say(msg: str) -> None:
@@ -153,6 +155,9 @@ class CudaBuildExt(build_ext):
         defines = "-DNDEBUG " + shlex.quote(f'-DCUMO_ARCHS="{",".join(archs)}"')
         if "90a" in archs:
             defines += " -DCUMO_WITH_SM90"
+        sm80 = [a for a in archs if a.startswith("8")]
+        if sm80:
+            defines += " " + shlex.quote(f'-DCUMO_SM80_ARCHS="{",".join(sm80)}"')
         nvcc_flags = (
             "-O3 -std=c++17 -lineinfo --expt-relaxed-constexpr -Xcompiler -fPIC -Xcompiler -fvisibility=hidden "
             "-Xcudafe --diag_suppress=177 " + defines
@@ -163,7 +168,7 @@ class CudaBuildExt(build_ext):
 
         def gencode(name: str) -> tuple[str, list[str]]:
             only = _arch_only(name)
-            use = [a for a in archs if only is None or a in only]
+            use = [a for a in archs if only is None or a.startswith(only[0])]
             return " ".join(f"-gencode arch=compute_{a},code=sm_{a}" for a in use), use
 
         lines = [
@@ -191,7 +196,7 @@ class CudaBuildExt(build_ext):
         for src in sorted(CSRC.glob("*.cu")):
             flags, use = gencode(src.name)
             if not use:
-                plan.append(f"{src.name}: skipped (needs one of {_arch_only(src.name)}, archs are {archs})")
+                plan.append(f"{src.name}: skipped (built for {_arch_only(src.name)[1]}; archs are {archs})")
                 continue
             obj = build_dir / (src.stem + ".o")
             lines += [f"build {obj}: nvcc {src}", f"  gencode = {flags}", f"  archs = {','.join(use)}"]

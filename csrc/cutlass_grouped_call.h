@@ -33,4 +33,11 @@ size_t workspace_bf16(int E, int64_t K, int64_t N, int device);
 size_t workspace_fp16(int E, int64_t K, int64_t N, int device);
 }  // namespace sm90
 
+namespace sm80 {
+void run_bf16(const GroupedCall& c);
+void run_fp16(const GroupedCall& c);
+size_t workspace_bf16(int E, int64_t K, int64_t N);
+size_t workspace_fp16(int E, int64_t K, int64_t N);
+}  // namespace sm80
+
 }  // namespace cumo

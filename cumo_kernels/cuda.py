@@ -30,6 +30,7 @@ DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch
 ACTIVATION_CODES: dict[str, int] = {"none": 0, "quick_gelu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "relu": 5}
 MAX_EXPERTS = 64  # routing: one token's scores in registers
 MAX_GEMM_EXPERTS = 1023
+MAX_PERMUTE_EXPERTS = 4096  # permute: one chunk's histogram in shared memory
 _BUILD_HINT = "build it with `pip install .` on a machine with nvcc (CUDA_HOME), without CUMO_SKIP_CUDA_BUILD"
 
 assert set(ACTIVATIONS) <= set(ACTIVATION_CODES)
@@ -158,6 +159,8 @@ def permute(
     _check("x", x, dev)
     _check("expert_ids", expert_ids, dev, torch.int64)
     code = _dtype_code("x", x)
+    if num_experts > MAX_PERMUTE_EXPERTS:
+        raise Unsupported(f"cuda backend: permute takes at most {MAX_PERMUTE_EXPERTS} experts, got {num_experts}")
     t, h = x.shape
     k = expert_ids.shape[1]
     x_sorted = torch.empty(t * k, h, dtype=x.dtype, device=dev)

@@ -1,0 +1,201 @@
+// CUTLASS 2.x GemmGrouped for the expert layers on sm80-class GPUs (CUTLASS 3.x has no grouped
+// GEMM for sm80: its "array" kernel is fixed-shape batched). Included only by
+// cutlass_sm80_<dtype>.cu, which setup.py compiles for the 8.x archs of CUMO_CUDA_ARCHS.
+//
+// The same three kinds and the same device-built problem list as cutlass_sm90.cuh: experts with
+// rows first, dummy one-row problems (zero operand, scratch output) behind them, so the problem
+// count is the host-known E and no zero-size problem reaches CUTLASS. Problem sizes live only on
+// the device: the kernel's scheduler runs in kDeviceOnly mode, the threadblock count is one full
+// wave from the occupancy (no host problem sizes needed).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/thread/linear_combination.h"
+#include "cutlass/gemm/device/gemm_grouped.h"
+#include "cutlass/gemm/gemm.h"
+#include "cutlass/gemm/kernel/default_gemm_grouped.h"
+#include "cutlass_grouped_call.h"
+
+namespace cumo {
+namespace sm80 {
+
+using Coord = cutlass::gemm::GemmCoord;
+using RowMajor = cutlass::layout::RowMajor;
+using ColumnMajor = cutlass::layout::ColumnMajor;
+
+template <typename Element, typename LayoutA, typename LayoutB>
+struct Grouped {
+  static constexpr int kAlign = 8;  // 16 bytes of 16-bit elements
+  using Epilogue = cutlass::epilogue::thread::LinearCombination<Element, kAlign, float, float,
+                                                                cutlass::epilogue::thread::ScaleType::OnlyAlphaScaling>;
+  using Kernel = typename cutlass::gemm::kernel::DefaultGemmGrouped<
+      Element, LayoutA, cutlass::ComplexTransform::kNone, kAlign, Element, LayoutB, cutlass::ComplexTransform::kNone,
+      kAlign, Element, RowMajor, float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
+      cutlass::gemm::GemmShape<128, 128, 32>, cutlass::gemm::GemmShape<64, 64, 32>,
+      cutlass::gemm::GemmShape<16, 8, 16>, Epilogue, cutlass::gemm::threadblock::GemmBatchedIdentityThreadblockSwizzle,
+      4, cutlass::gemm::kernel::GroupScheduleMode::kDeviceOnly>::GemmKernel;
+  using Gemm = cutlass::gemm::device::GemmGrouped<Kernel>;
+};
+
+template <typename Element>
+struct ProblemList {
+  Coord* shapes;
+  Element** a;
+  Element** b;
+  Element** d;
+  int64_t* lda;
+  int64_t* ldb;
+  int64_t* ldd;
+  Element* zero;     // a zero row of max(N, K) elements
+  Element* scratch;  // E dummy output rows of max(N, K) elements
+};
+
+template <typename Element>
+__global__ void setup_kernel(int kind, ProblemList<Element> pl, const int64_t* offsets, int E, int64_t K, int64_t N,
+                             Element* a, Element* b, Element* d) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  const int64_t width = N > K ? N : K;
+  // Leading dimensions per kind (the same for every expert).
+  const int64_t lda = kind == kGradX ? N : (kind == kGradW ? N : K);
+  const int64_t ldb = K;  // W [N, K] as B^T (forward), W as B (grad_x), x as B (grad_w)
+  const int64_t ldd = kind == kForward ? N : K;
+  int n = 0;
+  for (int e = 0; e < E; ++e) {
+    const int64_t s = offsets[e], r = offsets[e + 1] - offsets[e];
+    if (r <= 0) continue;
+    if (kind == kForward) {
+      pl.shapes[n] = Coord(static_cast<int>(r), static_cast<int>(N), static_cast<int>(K));
+      pl.a[n] = a + s * K;
+      pl.b[n] = b + e * N * K;
+      pl.d[n] = d + s * N;
+    } else if (kind == kGradX) {
+      pl.shapes[n] = Coord(static_cast<int>(r), static_cast<int>(K), static_cast<int>(N));
+      pl.a[n] = a + s * N;
+      pl.b[n] = b + e * N * K;
+      pl.d[n] = d + s * K;
+    } else {
+      pl.shapes[n] = Coord(static_cast<int>(N), static_cast<int>(K), static_cast<int>(r));
+      pl.a[n] = a + s * N;
+      pl.b[n] = b + s * K;
+      pl.d[n] = d + e * N * K;
+    }
+    ++n;
+  }
+  for (int i = 0; i < E; ++i) {
+    if (i >= n) {
+      if (kind == kForward)
+        pl.shapes[i] = Coord(1, static_cast<int>(N), static_cast<int>(K));
+      else if (kind == kGradX)
+        pl.shapes[i] = Coord(1, static_cast<int>(K), static_cast<int>(N));
+      else
+        pl.shapes[i] = Coord(1, static_cast<int>(K), 1);
+      pl.a[i] = pl.zero;
+      pl.b[i] = kind == kGradW ? pl.zero : b;
+      pl.d[i] = pl.scratch + i * width;
+    }
+    pl.lda[i] = lda;
+    pl.ldb[i] = ldb;
+    pl.ldd[i] = ldd;
+  }
+}
+
+template <typename Element>
+__global__ void zero_empty_experts_kernel(const int64_t* offsets, int64_t per_expert, Element* grad_w) {
+  const int e = blockIdx.y;
+  if (offsets[e + 1] > offsets[e]) return;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < per_expert;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    grad_w[e * per_expert + i] = Element(0.f);
+}
+
+inline size_t round256(size_t b) { return (b + 255) / 256 * 256; }
+
+template <typename Element>
+size_t list_bytes(int E, int64_t K, int64_t N) {
+  const size_t width = static_cast<size_t>(N > K ? N : K);
+  return round256(sizeof(Coord) * E) + 3 * round256(sizeof(void*) * E) + 3 * round256(sizeof(int64_t) * E) +
+         round256(sizeof(Element) * width) + round256(sizeof(Element) * width * E) + 256;
+}
+
+template <typename G>
+int threadblocks(int device) {
+  static int cache[64] = {};
+  if (device >= 0 && device < 64 && cache[device] > 0) return cache[device];
+  const int n = G::Gemm::sufficient();
+  if (n <= 0) throw std::runtime_error("cumo_kernels._cuda: sm80 grouped GEMM: no threadblock fits on this device");
+  if (device >= 0 && device < 64) cache[device] = n;
+  return n;
+}
+
+template <typename Element, typename G>
+void run_kind(const GroupedCall& c) {
+  const int64_t width = c.N > c.K ? c.N : c.K;
+  char* p = reinterpret_cast<char*>((c.workspace + 255) / 256 * 256);
+  auto bump = [&](size_t bytes) {
+    char* out = p;
+    p += round256(bytes);
+    return out;
+  };
+  ProblemList<Element> pl;
+  pl.shapes = reinterpret_cast<Coord*>(bump(sizeof(Coord) * c.E));
+  pl.a = reinterpret_cast<Element**>(bump(sizeof(void*) * c.E));
+  pl.b = reinterpret_cast<Element**>(bump(sizeof(void*) * c.E));
+  pl.d = reinterpret_cast<Element**>(bump(sizeof(void*) * c.E));
+  pl.lda = reinterpret_cast<int64_t*>(bump(sizeof(int64_t) * c.E));
+  pl.ldb = reinterpret_cast<int64_t*>(bump(sizeof(int64_t) * c.E));
+  pl.ldd = reinterpret_cast<int64_t*>(bump(sizeof(int64_t) * c.E));
+  pl.zero = reinterpret_cast<Element*>(bump(sizeof(Element) * width));
+  pl.scratch = reinterpret_cast<Element*>(bump(sizeof(Element) * width * c.E));
+  if (reinterpret_cast<uint64_t>(p) > c.workspace + c.workspace_bytes)
+    throw std::runtime_error("cumo_kernels._cuda: sm80 grouped GEMM workspace too small");
+
+  cudaError_t err = cudaMemsetAsync(pl.zero, 0, sizeof(Element) * width, c.stream);
+  if (err != cudaSuccess) throw std::runtime_error(std::string("cumo_kernels._cuda: ") + cudaGetErrorString(err));
+  setup_kernel<Element><<<1, 32, 0, c.stream>>>(c.kind, pl, reinterpret_cast<const int64_t*>(c.offsets), c.E, c.K, c.N,
+                                                reinterpret_cast<Element*>(c.a), reinterpret_cast<Element*>(c.b),
+                                                reinterpret_cast<Element*>(c.d));
+  err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("cumo_kernels._cuda: sm80 setup_kernel: ") + cudaGetErrorString(err));
+
+  typename G::Gemm::EpilogueOutputOp::Params epilogue(1.f, 0.f);
+  typename G::Gemm::Arguments args(pl.shapes, c.E, threadblocks<G>(c.device), epilogue, pl.a, pl.b, pl.d, pl.d, pl.lda,
+                                   pl.ldb, pl.ldd, pl.ldd);
+  typename G::Gemm gemm;
+  if (G::Gemm::get_workspace_size(args) != 0)
+    throw std::runtime_error("cumo_kernels._cuda: sm80 grouped GEMM unexpectedly asks for a workspace");
+  cutlass::Status st = gemm.initialize(args, nullptr, c.stream);
+  if (st != cutlass::Status::kSuccess)
+    throw std::runtime_error(std::string("cumo_kernels._cuda: sm80 grouped GEMM initialize: ") +
+                             cutlassGetStatusString(st));
+  st = gemm.run(c.stream);
+  if (st != cutlass::Status::kSuccess)
+    throw std::runtime_error(std::string("cumo_kernels._cuda: sm80 grouped GEMM run: ") + cutlassGetStatusString(st));
+  if (c.kind == kGradW) {
+    const int64_t per = c.N * c.K;
+    const dim3 grid(static_cast<unsigned>(per < 256 * 64 ? (per + 255) / 256 : 64), c.E);
+    zero_empty_experts_kernel<Element><<<grid, 256, 0, c.stream>>>(reinterpret_cast<const int64_t*>(c.offsets), per,
+                                                                   reinterpret_cast<Element*>(c.d));
+  }
+  err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("cumo_kernels._cuda: sm80 grouped GEMM launch: ") + cudaGetErrorString(err));
+}
+
+template <typename Element>
+void run(const GroupedCall& c) {
+  if (c.kind == kForward)
+    run_kind<Element, Grouped<Element, RowMajor, ColumnMajor>>(c);
+  else if (c.kind == kGradX)
+    run_kind<Element, Grouped<Element, RowMajor, RowMajor>>(c);
+  else
+    run_kind<Element, Grouped<Element, ColumnMajor, RowMajor>>(c);
+}
+
+}  // namespace sm80
+}  // namespace cumo
