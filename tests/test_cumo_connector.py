@@ -54,7 +54,7 @@ def test_cumo_constructor_call_and_repr():
         cumo.MLPMoE(E, E + 1, MM, CH)
 
 
-@pytest.mark.parametrize("shape", [(3, 7), (1, 1), (2, 16)])
+@pytest.mark.parametrize("shape", [(3, 7), (1, 1), (2, 16), (7,)])  # (7,): a 2-D input is one sample
 def test_forward_and_every_gradient_match_float64_oracle(backend, device, shape):
     m = cumo.MLPMoE(E, K, MM, CH, backend=backend).to(device)
     randomise(m, 1)
@@ -85,6 +85,54 @@ def test_forward_and_every_gradient_match_float64_oracle(backend, device, shape)
     assert_close_rel(x.grad, x64.grad, torch.float32, "grad x")
     for n, p in m.named_parameters():
         assert_close_rel(p.grad, leaves[n].grad, torch.float32, f"grad {n}")
+
+
+@pytest.mark.parametrize("num_experts, top_k", [(4, 4), (4, 1), (3, 2), (1, 1)])
+def test_top_k_extremes_and_an_expert_without_tokens_match_float64_oracle(backend, device, num_experts, top_k):
+    """top_k == E, top_k == 1, E == 1; expert 1 gets no token whenever top_k < E (zero gradients)."""
+    m = cumo.MLPMoE(num_experts, top_k, MM, CH, backend=backend)
+    randomise(m, 11)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 6, MM, generator=g)
+    x[..., 0] = 1.0
+    if num_experts > 1:
+        with torch.no_grad():
+            m.gate.weight.mul_(0.1)
+            m.gate.weight[:, 0] = 0.0
+            m.gate.weight[1, 0] = -30.0  # expert 1's logit is the lowest for every token
+    m.to(device)
+    x = x.to(device).requires_grad_()
+    y, balance, z = m(x)
+    gy = torch.randn(y.shape, generator=g).to(device)
+    (y * gy).sum().add(0.7 * balance + 0.3 * z).backward()
+
+    leaves = {n: p.detach().cpu().to(F64).requires_grad_() for n, p in m.named_parameters()}
+    x64 = x.detach().cpu().to(F64).requires_grad_()
+    y64, b64, z64, ids = moe_oracle(
+        x64,
+        leaves["gate.weight"],
+        leaves["w1"],
+        leaves["b1"],
+        leaves["w2"],
+        leaves["b2"],
+        top_k,
+        "gelu",
+        dtype=torch.float32,
+    )
+    (y64 * gy.cpu().to(F64)).sum().add(0.7 * b64 + 0.3 * z64).backward()
+    if top_k < num_experts:
+        assert not (ids == 1).any()  # the case is what it says
+        for n in ("w1", "b1", "w2", "b2"):
+            assert not m.get_parameter(n).grad[1].any(), n
+    assert_close_rel(y, y64, torch.float32, "y")
+    assert_close_rel(balance, b64, torch.float32, "balance")
+    assert_close_rel(z, z64, torch.float32, "z")
+    assert_close_rel(x.grad, x64.grad, torch.float32, "grad x")
+    for n, p in m.named_parameters():
+        if leaves[n].grad.norm() == 0:
+            assert not p.grad.any(), n
+        else:
+            assert_close_rel(p.grad, leaves[n].grad, torch.float32, f"grad {n}")
 
 
 def test_balance_statistics_are_per_sample():
