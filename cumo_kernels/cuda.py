@@ -13,6 +13,8 @@ Importing this module never initialises CUDA, and works where the extension is n
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._activations import ACTIVATIONS
@@ -247,10 +249,32 @@ def _check_experts(e: int) -> None:
         raise Unsupported(f"cuda backend: the grouped GEMM takes at most {MAX_GEMM_EXPERTS} experts, got E={e}")
 
 
+GEMM_PATH_ENV = "CUMO_CUDA_GEMM"
+"""`simt` forces the extension's SIMT grouped GEMM, `cutlass` requires the CUTLASS one (raises
+Unsupported where it cannot run), unset or `auto` chooses (tests and debugging on a GPU)."""
+
+
 def _use_cutlass(dev: torch.device, code: int, *operands: torch.Tensor) -> bool:
     """The CUTLASS path where it is built for this device and dtype and every operand is 16-byte
     aligned (DESIGN.md: with problem shapes on the device CUTLASS cannot check alignment itself).
     float32 never takes it (it would be tf32); everything else runs the SIMT path of the extension."""
+    mode = os.environ.get(GEMM_PATH_ENV, "auto") or "auto"
+    if mode not in ("auto", "simt", "cutlass"):
+        raise ValueError(f"{GEMM_PATH_ENV}: unknown {mode!r}; accepted: auto, simt, cutlass")
+    if mode == "simt":
+        return False
+    if mode == "cutlass":
+        if not _cutlass_possible(dev, code, operands):
+            raise Unsupported(
+                f"cuda backend: {GEMM_PATH_ENV}=cutlass but the CUTLASS grouped GEMM cannot take these operands "
+                f"(float16/bfloat16, 16-byte aligned rows, a device this build has a CUTLASS path for: "
+                f"{_cuda.build_info()})"
+            )
+        return True
+    return _cutlass_possible(dev, code, operands)
+
+
+def _cutlass_possible(dev: torch.device, code: int, operands: tuple[torch.Tensor, ...]) -> bool:
     if code == DTYPE_CODES[torch.float32]:
         return False
     major, minor = torch.cuda.get_device_capability(dev)

@@ -1,0 +1,118 @@
+"""The cuda backend on a GPU, beyond the shared parity suite (which conftest.py runs on the cuda
+backend wherever available_backends("cuda") lists it): both grouped GEMM paths of the extension
+(CUTLASS and SIMT, forced with CUMO_CUDA_GEMM) against the torch reference, with an expert that
+gets no rows; auto's fallback for float64; no host sync (CUDA-graph capture of the layer).
+
+Skipped with the reason on machines without a CUDA device or without the built extension.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA, NO_CUDA_REASON
+
+import cumo_kernels
+from cumo_kernels import cuda as cuda_backend
+from cumo_kernels import reference
+from cumo_kernels.testing import assert_close_rel
+
+pytestmark = [
+    pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON),
+    pytest.mark.skipif(cuda_backend._cuda is None, reason="cumo_kernels._cuda is not built"),
+]
+
+
+def _offsets(counts: list[int], device: str = "cuda") -> torch.Tensor:
+    return torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int64, device=device)
+
+
+def _cutlass_here(dtype: torch.dtype) -> bool:
+    major, minor = torch.cuda.get_device_capability()
+    return cuda_backend._cuda.cutlass_supports(major * 10 + minor, cuda_backend.DTYPE_CODES[dtype])
+
+
+@pytest.mark.parametrize("path", ["cutlass", "simt"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("activation", ["none", "quick_gelu", "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("counts", [[37, 0, 200, 5], [0, 0, 0, 64], [300, 1, 1, 0]], ids=str)
+def test_grouped_linear_paths(monkeypatch, path, dtype, activation, bias, counts):
+    if path == "cutlass" and not _cutlass_here(dtype):
+        pytest.skip(f"no CUTLASS path for {dtype} on this device in this build ({cuda_backend._cuda.build_info()})")
+    monkeypatch.setenv(cuda_backend.GEMM_PATH_ENV, path)
+    g = torch.Generator().manual_seed(sum(counts))
+    e, k, n = len(counts), 64, 128
+    m = sum(counts)
+    offsets = _offsets(counts)
+    x = torch.randn(m, k, generator=g).cuda().to(dtype)
+    w = (torch.randn(e, n, k, generator=g) / k**0.5).cuda().to(dtype)
+    b = (0.5 * torch.randn(e, n, generator=g)).cuda().to(dtype) if bias else None
+    y, pre = cuda_backend.grouped_linear(x, w, b, offsets, activation)
+    ry, rpre = reference.grouped_linear(x.double(), w.double(), None if b is None else b.double(), offsets, activation)
+    assert_close_rel(y, ry, dtype, f"y ({path})")
+    if activation != "none":
+        assert_close_rel(pre, rpre, dtype, f"pre ({path})")
+    gy = torch.randn(m, n, generator=g).cuda().to(dtype)
+    gx, gw, gb = cuda_backend.grouped_linear_backward(gy, x, w, offsets, pre, activation, bias)
+    rgx, rgw, rgb = reference.grouped_linear_backward(
+        gy.double(), x.double(), w.double(), offsets, rpre, activation, bias
+    )
+    assert_close_rel(gx, rgx, dtype, f"grad_x ({path})")
+    assert_close_rel(gw, rgw, dtype, f"grad_w ({path})")
+    for e_, c in enumerate(counts):
+        if c == 0:
+            assert torch.all(gw[e_] == 0), f"expert {e_} has no rows: its weight gradient must be zero"
+    if bias:
+        assert_close_rel(gb, rgb, dtype, f"grad_b ({path})")
+
+
+def test_cutlass_forced_on_misaligned_operands_is_refused(monkeypatch):
+    monkeypatch.setenv(cuda_backend.GEMM_PATH_ENV, "cutlass")
+    x = torch.randn(10, 30, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2, 34, 30, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(cumo_kernels.dispatch.Unsupported, match="CUTLASS"):
+        cuda_backend.grouped_linear(x, w, None, _offsets([4, 6]), "none")
+
+
+def test_auto_falls_back_for_float64_and_explicit_cuda_raises(monkeypatch):
+    monkeypatch.setattr(cumo_kernels.dispatch, "_AUTO_ORDER", ("cuda", "torch"))
+    logits = torch.randn(16, 4, device="cuda", dtype=torch.float64)
+    out = cumo_kernels.route(logits, 2, backend="auto")
+    ref = reference.route(logits, 2)
+    assert torch.equal(out[1], ref[1])
+    with pytest.raises(RuntimeError, match="float64"):
+        cumo_kernels.route(logits, 2, backend="cuda")
+
+
+def test_layer_has_no_host_sync_cuda_graph():
+    """The whole layer, forward and backward, captured in a CUDA graph after one warm-up call."""
+    torch.manual_seed(0)
+    d, h, e = 64, 128, 4
+    x = torch.randn(2, 37, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    params = [
+        torch.randn(e, d, device="cuda", dtype=torch.bfloat16).mul_(d**-0.5).requires_grad_(),
+        torch.randn(e, h, d, device="cuda", dtype=torch.bfloat16).mul_(d**-0.5).requires_grad_(),
+        torch.zeros(e, h, device="cuda", dtype=torch.bfloat16, requires_grad=True),
+        torch.randn(e, d, h, device="cuda", dtype=torch.bfloat16).mul_(h**-0.5).requires_grad_(),
+        torch.zeros(e, d, device="cuda", dtype=torch.bfloat16, requires_grad=True),
+    ]
+
+    def step():
+        y, bal, z = cumo_kernels.moe_mlp(x, *params, top_k=2, activation="quick_gelu", backend="cuda")
+        (y.float().square().mean() + 0.1 * bal + 0.01 * z.float()).backward()
+        return y
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        eager = step().detach().clone()  # warm-up
+    torch.cuda.current_stream().wait_stream(s)
+    for p in [x, *params]:
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y.float(), eager.float(), rtol=0, atol=0)
