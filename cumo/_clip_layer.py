@@ -57,8 +57,10 @@ class CLIPMoEEncoderLayer(CLIPEncoderLayer):
 
 
 def _layer_state_dict_hook(module: nn.Module, sd: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    # Only CuMo's names move up (a stacked placeholder that `_keys.unstack` left, e.g. under ZeRO-3,
+    # stays under mlp., where it loads back).
     src = prefix + "mlp."
-    for k in [k for k in sd if k.startswith(src)]:
+    for k in [k for k in sd if k.startswith((src + "gate.", src + "experts."))]:
         sd[prefix + k[len(src) :]] = sd.pop(k)
 
 

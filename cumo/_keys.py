@@ -42,11 +42,24 @@ def expert_key(names: tuple[str, str], e: int, stacked: str) -> str:
 
 
 def unstack(sd: dict[str, Any], prefix: str, names: tuple[str, str], num_experts: int) -> None:
-    """In place: replace sd[prefix + "w1"|"b1"|"w2"|"b2"] by CuMo's per-expert views, expert by expert."""
-    stacked = {s: sd.pop(prefix + s) for s in STACKED if prefix + s in sd}
+    """In place: replace sd[prefix + "w1"|"b1"|"w2"|"b2"] by CuMo's per-expert views, expert by expert.
+
+    An entry that is not a stack of `num_experts` (a placeholder: DeepSpeed ZeRO-3 replaces a
+    partitioned parameter's data by an empty tensor, and its engine's checkpoint still calls
+    `module.state_dict()`) keeps its stacked name, under which it also loads back.
+    """
+    stacked = {
+        s: sd.pop(prefix + s)
+        for s in STACKED
+        if prefix + s in sd and _is_stack(sd[prefix + s], 3 if s[0] == "w" else 2, num_experts)
+    }
     for e in range(num_experts):
         for s, t in stacked.items():
             sd[prefix + expert_key(names, e, s)] = t[e]
+
+
+def _is_stack(t: Any, dim: int, num_experts: int) -> bool:
+    return getattr(t, "dim", None) is not None and t.dim() == dim and t.shape[0] == num_experts
 
 
 def stack(sd: dict[str, Any], prefix: str, names: tuple[str, str], num_experts: int, errors: list[str] | None) -> None:

@@ -174,3 +174,17 @@ def test_missing_experts_are_reported_under_cumos_names():
     assert sorted(result.missing_keys) == sorted(expected) and result.unexpected_keys == []
     with pytest.raises(RuntimeError, match=r'"experts\.0\.0\.weight"'):
         cumo.MLPMoE(E, 2, 8, 6).load_state_dict({"gate.weight": torch.zeros(E, 8)})
+
+
+def test_zero3_placeholders_save_and_load_under_their_stacked_names():
+    """DeepSpeed ZeRO-3 replaces partitioned parameters' data by empty tensors, and its engine's
+    save_checkpoint still calls module.state_dict(): the hooks must not index into them."""
+    host = whole_model(18)
+    for p in host.parameters():
+        p.data = torch.empty(0, dtype=p.dtype)
+    sd = host.state_dict()
+    tower = "model.vision_tower.vision_tower.encoder.layers.0."
+    assert {tower + "mlp.w1", tower + "mlp.b2", tower + "gate.weight", "model.mm_projector.w1"} <= set(sd)
+    assert not any(".experts." in k for k in sd)
+    assert all(v.numel() == 0 for k, v in sd.items() if k.endswith(("w1", "b1", "w2", "b2")))
+    host.load_state_dict(sd, strict=True)
