@@ -6,11 +6,12 @@ This package's modules already save and load CuMo's per-expert keys (`cumo._keys
   `post_layernorm` itself (keys without a `vision_model.` prefix); CuMo's checkpoints (transformers 4)
   nest the tower under `vision_model.`.
 - `post_layernorm`. Neither of CuMo's towers has one (their features are the hidden state entering
-  the last layer): `to_cumo` drops it, `from_cumo` adds an identity LayerNorm (weight 1, bias 0, the
-  size and dtype of `pre_layrnorm`) where a tower has none, so that a CuMo tower loads into a
-  converted `CLIPVisionModel` with `strict=True`. The identity is a choice, not CuMo's data: CuMo
-  never applies a post-layernorm, and the `pooler_output` of such a model is the unnormalised CLS
-  state.
+  the last layer): `to_cumo` drops it, `from_cumo` adds a LayerNorm with the identity affine (weight 1,
+  bias 0, the size and dtype of `pre_layrnorm`) where a tower has none, so that a CuMo tower loads into
+  a converted `CLIPVisionModel` with `strict=True`. That is a choice, not CuMo's data: CuMo never
+  applies a post-layernorm (its features, `hidden_states[-2]`, do not pass through one), while the
+  `pooler_output` of such a model is the CLS state normalised (zero mean, unit variance) without an
+  affine transform, not the raw CLS state.
 - Stacked names. `named_parameters()` (what optimisers, DeepSpeed ZeRO and FSDP consolidation see)
   gives the stacked `...mlp.w1` / `w1`; `to_cumo` also unstacks those, and `from_cumo(stacked=True)`
   produces them.
@@ -119,7 +120,7 @@ def from_cumo(
     - `T.vision_model.{embeddings|pre_layrnorm|encoder|post_layernorm}.*` -> `T.*` (the layout of a
       transformers 5 CLIPVisionModel), unless `strip_vision_model=False` (for a host that keeps the
       tower under `vision_model.`, e.g. CLIPVisionModelWithProjection).
-    - `post_layernorm`: a tower without one gets an identity LayerNorm (see the module docstring);
+    - `post_layernorm`: a tower without one gets a LayerNorm with weight 1, bias 0 (module docstring);
       False leaves it out (then load with strict=False; the missing keys are exactly `post_layernorm.*`).
     - `stacked=True` gives the stacked parameter names (`...mlp.w1`, `mm_projector.w1`) instead of
       CuMo's per-expert keys (both load into a converted model).

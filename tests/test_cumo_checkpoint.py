@@ -62,7 +62,7 @@ def test_cumo_checkpoint_loads_strict_after_from_cumo():
     ckpt = cumo_tower_dict(source)
     target = cumo.convert_clip_to_moe(tiny_clip(3))  # other weights, other gates
     sd = from_cumo(ckpt)
-    # CuMo's towers have no post_layernorm: from_cumo adds an identity one (weight 1, bias 0)
+    # CuMo's towers have no post_layernorm: from_cumo adds one with the identity affine (weight 1, bias 0)
     assert torch.equal(sd["post_layernorm.weight"], torch.ones(24)) and not sd["post_layernorm.bias"].any()
     target.load_state_dict(sd, strict=True)
     x = pixels(seed=4)
@@ -71,6 +71,10 @@ def test_cumo_checkpoint_loads_strict_after_from_cumo():
         b = target(x, output_hidden_states=True)
     for ha, hb in zip(a.hidden_states, b.hidden_states):
         torch.testing.assert_close(hb, ha, rtol=0, atol=0)
+    # a LayerNorm without affine still normalises: the pooler output is the normalised CLS state
+    cls = b.last_hidden_state[:, 0]
+    expect = (cls - cls.mean(-1, keepdim=True)) / torch.sqrt(cls.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(b.pooler_output, expect, rtol=1e-5, atol=1e-5)
     # without the fill, exactly post_layernorm.* is missing
     result = cumo.convert_clip_to_moe(tiny_clip(3)).load_state_dict(from_cumo(ckpt, post_layernorm=False), strict=False)
     assert sorted(result.missing_keys) == ["post_layernorm.bias", "post_layernorm.weight"]
