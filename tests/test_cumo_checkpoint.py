@@ -143,7 +143,11 @@ def test_dense_checkpoints_pass_through():
     dense_connector = {"mm_projector.0.weight": torch.ones(4, 3), "mm_projector.2.bias": torch.ones(4)}
     assert_same(to_cumo(dense_connector), dense_connector)
     assert_same(from_cumo(dense_connector), dense_connector)
-    tiny_clip(11).load_state_dict(from_cumo(c), strict=True)
+    reloaded = tiny_clip(11)
+    reloaded.load_state_dict(from_cumo(c), strict=True)
+    for n, p in dense_tower.named_parameters():
+        if not n.startswith("post_layernorm."):  # dropped by to_cumo, filled with weight 1, bias 0
+            assert torch.equal(reloaded.get_parameter(n), p), n
 
 
 def test_host_keeping_vision_model_prefix():
@@ -154,6 +158,8 @@ def test_host_keeping_vision_model_prefix():
     assert "vision_model.encoder.layers.0.gate.weight" in sd
     target = cumo.convert_clip_to_moe(tiny_clip(13, cls=CLIPVisionModelWithProjection))
     target.load_state_dict(from_cumo(to_cumo(sd, keep_post_layernorm=True), strip_vision_model=False), strict=True)
+    for (n, p), q in zip(source.named_parameters(), target.parameters()):  # strict names alone prove no values
+        assert torch.equal(p, q), n
 
 
 def test_incomplete_experts_are_an_error():
