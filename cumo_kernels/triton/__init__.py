@@ -21,7 +21,7 @@ from .fused import (
     sort_experts,
 )
 from .grouped_gemm import grouped_linear, grouped_linear_backward
-from .permute import permute, permute_backward, unpermute, unpermute_backward
+from .permutation import permute, permute_backward, unpermute, unpermute_backward
 from .routing import route, route_backward, route_x, route_x_backward
 
 FUSED_MOE = True

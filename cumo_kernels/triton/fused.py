@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import grouped_gemm
-from .permute import slot_sum, sort_experts
+from .permutation import slot_sum, sort_experts
 
 __all__ = [
     "grouped_linear_combine",
