@@ -53,7 +53,8 @@ __global__ void __launch_bounds__(kThreads)
       As[q][r] = (gr < row_end && gq < Kred) ? Elem<T>::load(A, gr * lda + gq) : 0.f;
     }
     for (int i = tid; i < BN * BK; i += kThreads) {
-      const int c = i / BK, q = i % BK;
+      // Consecutive threads walk B's contiguous direction (K of W in the forward, N in grad_x).
+      const int c = sbn == 1 ? i % BN : i / BK, q = sbn == 1 ? i / BN : i % BK;
       const int64_t gc = col0 + c, gq = q0 + q;
       Bs[q][c] = (gc < Ncols && gq < Kred) ? Elem<T>::load(Be, gq * sbk + gc * sbn) : 0.f;
     }
