@@ -73,6 +73,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("host_tile_schedule", &host_tile_schedule, py::arg("offsets"), py::arg("bm"));
   m.def("host_find_tile_expert", &host_find_tile_expert, py::arg("tiles"), py::arg("tile"));
   m.def("host_compact_problems", &host_compact_problems, py::arg("offsets"));
+  m.def("host_problem_list", &host_problem_list, py::arg("kind"), py::arg("offsets"), py::arg("K"), py::arg("N"));
   m.def("host_aligned16", &host_aligned16, py::arg("address"), py::arg("row_elems"), py::arg("elem_bytes"));
   m.def("host_round_to", &host_round_to, py::arg("v"), py::arg("dtype"));
   m.def("host_activation", &host_activation, py::arg("v"), py::arg("act"), py::arg("derivative"));

@@ -193,6 +193,65 @@ CUMO_HD int compact_problems(const int64_t* offsets, int E, int* experts, int64_
   return n;
 }
 
+// One grouped GEMM problem of the CUTLASS paths: D[m, n] = A[m, k] . B[k, n], with element offsets
+// into the operands and leading dimensions. Layouts are fixed per kind: kForward A row-major, B
+// column-major (W is [N, K]); kGradX A row-major, B row-major; kGradW A column-major (g^T),
+// B row-major; D row-major. A dummy problem (an expert without rows: the list keeps E entries so
+// that the host-known E is the group count, and no zero-size problem reaches CUTLASS) reads a zero
+// row (a: into `zero`; b: into B, or into `zero` for kGradW) and writes scratch row i (d: into
+// `scratch`).
+enum GemmKind : int { kForward = 0, kGradX = 1, kGradW = 2 };
+
+struct GroupedProblem {
+  int m, n, k;
+  int64_t a, b, d;
+  int64_t lda, ldb, ldd;
+  int dummy;
+};
+
+// The problem of expert e with `rows` rows starting at row `start`; K: the layer's input width,
+// N: its output width.
+CUMO_HD GroupedProblem real_problem(int kind, int e, int64_t start, int64_t rows, int64_t K, int64_t N) {
+  GroupedProblem p;
+  p.dummy = 0;
+  if (kind == kForward) {  // y[rows, N] = x[rows, K] . W[e]^T
+    p.m = static_cast<int>(rows), p.n = static_cast<int>(N), p.k = static_cast<int>(K);
+    p.a = start * K, p.b = e * N * K, p.d = start * N;
+    p.lda = K, p.ldb = K, p.ldd = N;
+  } else if (kind == kGradX) {  // gx[rows, K] = g[rows, N] . W[e]
+    p.m = static_cast<int>(rows), p.n = static_cast<int>(K), p.k = static_cast<int>(N);
+    p.a = start * N, p.b = e * N * K, p.d = start * K;
+    p.lda = N, p.ldb = K, p.ldd = K;
+  } else {  // gW[e][N, K] = g[rows, N]^T . x[rows, K]
+    p.m = static_cast<int>(N), p.n = static_cast<int>(K), p.k = static_cast<int>(rows);
+    p.a = start * N, p.b = start * K, p.d = e * N * K;
+    p.lda = N, p.ldb = K, p.ldd = K;
+  }
+  return p;
+}
+
+// Dummy problem i: one output row into scratch row i (scratch rows are max(N, K) wide).
+CUMO_HD GroupedProblem dummy_problem(int kind, int i, int64_t K, int64_t N) {
+  GroupedProblem p = real_problem(kind, 0, 0, 1, K, N);
+  const int64_t width = N > K ? N : K;
+  if (kind == kGradW) p.m = 1, p.k = 1;  // 1 x K output from a 1 x 1 by 1 x K product
+  p.a = 0, p.b = 0, p.d = i * width;
+  p.dummy = 1;
+  return p;
+}
+
+// The whole list of one launch: experts with rows first, in order, then dummies; returns the
+// number of real problems. (The device's setup kernels run this rule; host_tests.cu checks it.)
+CUMO_HD int build_problem_list(int kind, const int64_t* offsets, int E, int64_t K, int64_t N, GroupedProblem* out) {
+  int n = 0;
+  for (int e = 0; e < E; ++e) {
+    const int64_t r = offsets[e + 1] - offsets[e];
+    if (r > 0) out[n++] = real_problem(kind, e, offsets[e], r, K, N);
+  }
+  for (int i = n; i < E; ++i) out[i] = dummy_problem(kind, i, K, N);
+  return n;
+}
+
 // 16-byte alignment of an operand: its address and its row pitch in bytes.
 CUMO_HD bool aligned16(uint64_t address, int64_t row_elems, int elem_bytes) {
   return address % 16 == 0 && (row_elems * elem_bytes) % 16 == 0;

@@ -66,6 +66,8 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> host_permute_plan(const st
 std::vector<int> host_tile_schedule(const std::vector<int64_t>& offsets, int bm);
 int host_find_tile_expert(const std::vector<int>& tiles, int tile);
 std::vector<std::vector<int64_t>> host_compact_problems(const std::vector<int64_t>& offsets);
+// The CUTLASS paths' problem list: rows [m, n, k, a, b, d, lda, ldb, ldd, dummy] (cumo_hd.h).
+std::vector<std::vector<int64_t>> host_problem_list(int kind, const std::vector<int64_t>& offsets, i64 K, i64 N);
 bool host_aligned16(u64 address, i64 row_elems, int elem_bytes);
 float host_round_to(float v, int dtype);
 std::vector<float> host_activation(const std::vector<float>& v, int act, bool derivative);

@@ -7,9 +7,9 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace cumo {
+#include "cumo_hd.h"  // GemmKind, GroupedProblem, build_problem_list
 
-enum GemmKind : int { kForward = 0, kGradX = 1, kGradW = 2 };
+namespace cumo {
 
 struct GroupedCall {
   int kind;     // GemmKind

@@ -51,56 +51,27 @@ struct ProblemList {
   int64_t* lda;
   int64_t* ldb;
   int64_t* ldd;
-  Element* zero;     // a zero row of max(N, K) elements
-  Element* scratch;  // E dummy output rows of max(N, K) elements
+  Element* zero;         // a zero row of max(N, K) elements
+  Element* scratch;      // E dummy output rows of max(N, K) elements
+  GroupedProblem* list;  // E entries: the list before it becomes CUTLASS's arrays
 };
 
+// Thread 0 builds the list with cumo_hd.h's build_problem_list (checked on the CPU by
+// host_tests.cu), then one thread per entry writes CUTLASS's arrays.
 template <typename Element>
 __global__ void setup_kernel(int kind, ProblemList<Element> pl, const int64_t* offsets, int E, int64_t K, int64_t N,
                              Element* a, Element* b, Element* d) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  const int64_t width = N > K ? N : K;
-  // Leading dimensions per kind (the same for every expert).
-  const int64_t lda = kind == kGradX ? N : (kind == kGradW ? N : K);
-  const int64_t ldb = K;  // W [N, K] as B^T (forward), W as B (grad_x), x as B (grad_w)
-  const int64_t ldd = kind == kForward ? N : K;
-  int n = 0;
-  for (int e = 0; e < E; ++e) {
-    const int64_t s = offsets[e], r = offsets[e + 1] - offsets[e];
-    if (r <= 0) continue;
-    if (kind == kForward) {
-      pl.shapes[n] = Coord(static_cast<int>(r), static_cast<int>(N), static_cast<int>(K));
-      pl.a[n] = a + s * K;
-      pl.b[n] = b + e * N * K;
-      pl.d[n] = d + s * N;
-    } else if (kind == kGradX) {
-      pl.shapes[n] = Coord(static_cast<int>(r), static_cast<int>(K), static_cast<int>(N));
-      pl.a[n] = a + s * N;
-      pl.b[n] = b + e * N * K;
-      pl.d[n] = d + s * K;
-    } else {
-      pl.shapes[n] = Coord(static_cast<int>(N), static_cast<int>(K), static_cast<int>(r));
-      pl.a[n] = a + s * N;
-      pl.b[n] = b + s * K;
-      pl.d[n] = d + e * N * K;
-    }
-    ++n;
-  }
-  for (int i = 0; i < E; ++i) {
-    if (i >= n) {
-      if (kind == kForward)
-        pl.shapes[i] = Coord(1, static_cast<int>(N), static_cast<int>(K));
-      else if (kind == kGradX)
-        pl.shapes[i] = Coord(1, static_cast<int>(K), static_cast<int>(N));
-      else
-        pl.shapes[i] = Coord(1, static_cast<int>(K), 1);
-      pl.a[i] = pl.zero;
-      pl.b[i] = kind == kGradW ? pl.zero : b;
-      pl.d[i] = pl.scratch + i * width;
-    }
-    pl.lda[i] = lda;
-    pl.ldb[i] = ldb;
-    pl.ldd[i] = ldd;
+  if (threadIdx.x == 0) build_problem_list(kind, offsets, E, K, N, pl.list);
+  __syncthreads();
+  for (int i = threadIdx.x; i < E; i += blockDim.x) {
+    const GroupedProblem p = pl.list[i];
+    pl.shapes[i] = Coord(p.m, p.n, p.k);
+    pl.a[i] = (p.dummy ? pl.zero : a) + p.a;
+    pl.b[i] = (p.dummy && kind == kGradW ? pl.zero : b) + p.b;
+    pl.d[i] = (p.dummy ? pl.scratch : d) + p.d;
+    pl.lda[i] = p.lda;
+    pl.ldb[i] = p.ldb;
+    pl.ldd[i] = p.ldd;
   }
 }
 
@@ -119,7 +90,8 @@ template <typename Element>
 size_t list_bytes(int E, int64_t K, int64_t N) {
   const size_t width = static_cast<size_t>(N > K ? N : K);
   return round256(sizeof(Coord) * E) + 3 * round256(sizeof(void*) * E) + 3 * round256(sizeof(int64_t) * E) +
-         round256(sizeof(Element) * width) + round256(sizeof(Element) * width * E) + 256;
+         round256(sizeof(Element) * width) + round256(sizeof(Element) * width * E) +
+         round256(sizeof(GroupedProblem) * E) + 256;
 }
 
 template <typename G>
@@ -151,12 +123,14 @@ void run_kind(const GroupedCall& c) {
   pl.ldd = reinterpret_cast<int64_t*>(bump(sizeof(int64_t) * c.E));
   pl.zero = reinterpret_cast<Element*>(bump(sizeof(Element) * width));
   pl.scratch = reinterpret_cast<Element*>(bump(sizeof(Element) * width * c.E));
+  pl.list = reinterpret_cast<GroupedProblem*>(bump(sizeof(GroupedProblem) * c.E));
   if (reinterpret_cast<uint64_t>(p) > c.workspace + c.workspace_bytes)
     throw std::runtime_error("cumo_kernels._cuda: sm80 grouped GEMM workspace too small");
 
   cudaError_t err = cudaMemsetAsync(pl.zero, 0, sizeof(Element) * width, c.stream);
   if (err != cudaSuccess) throw std::runtime_error(std::string("cumo_kernels._cuda: ") + cudaGetErrorString(err));
-  setup_kernel<Element><<<1, 32, 0, c.stream>>>(c.kind, pl, reinterpret_cast<const int64_t*>(c.offsets), c.E, c.K, c.N,
+  setup_kernel<Element><<<1, 128, 0, c.stream>>>(c.kind, pl, reinterpret_cast<const int64_t*>(c.offsets), c.E, c.K,
+                                                 c.N,
                                                 reinterpret_cast<Element*>(c.a), reinterpret_cast<Element*>(c.b),
                                                 reinterpret_cast<Element*>(c.d));
   err = cudaGetLastError();

@@ -6,9 +6,10 @@
 //   kGradX:   gx[rows_e, K] = g[rows_e, N] . W[e]           A row-major, B row-major
 //   kGradW:   gW[e] [N, K]  = g[rows_e, N]^T . x[rows_e, K] A column-major, B row-major
 // The problem list (shapes, pointers, strides) is written on the device by a setup kernel from the
-// offsets: experts with rows first, in order; the tail of the list (experts without rows) holds
-// dummy 1-row problems that read a zero row and write a scratch row, so the group count is the
-// host-known E, no zero-size group reaches CUTLASS (DESIGN.md), and nothing syncs with the host.
+// offsets (cumo_hd.h's build_problem_list): experts with rows first, in order; the tail of the list
+// (experts without rows) holds dummy 1-row problems that read a zero row and write a scratch row,
+// so the group count is the host-known E, no zero-size group reaches CUTLASS (DESIGN.md), and
+// nothing syncs with the host.
 // kGradW's empty experts get zero gradients from a separate kernel.
 #pragma once
 
@@ -73,52 +74,25 @@ struct ProblemList {
   typename G::StrideA* sa;
   typename G::StrideB* sb;
   typename G::StrideD* sd;
-  Element* zero;     // a zero row of max(N, K) elements
-  Element* scratch;  // E dummy output rows of max(N, K) elements
+  Element* zero;         // a zero row of max(N, K) elements
+  Element* scratch;      // E dummy output rows of max(N, K) elements
+  GroupedProblem* list;  // E entries: the list before it becomes CUTLASS's arrays
 };
 
-// One thread: compacts the experts with rows to the front, dummies behind (cumo_hd.h's
-// compact_problems is the same rule, tested on the host).
+// The problem list on the device: thread 0 builds it with cumo_hd.h's build_problem_list (the rule
+// host_tests.cu checks on the CPU), then one thread per entry turns it into CUTLASS's arrays.
 template <typename Element, typename G>
-__global__ void setup_kernel(int kind, ProblemList<Element, G> pl, const int64_t* offsets, int E, int64_t K, int64_t N,
-                             const Element* a, const Element* b, Element* d, typename G::StrideA sa,
-                             typename G::StrideB sb, typename G::StrideD sd) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  const int64_t width = N > K ? N : K;
-  int n = 0;
-  for (int e = 0; e < E; ++e) {
-    const int64_t s = offsets[e], r = offsets[e + 1] - offsets[e];
-    if (r <= 0) continue;
-    if (kind == kForward) {
-      pl.shapes[n] = Shape3{static_cast<int>(r), static_cast<int>(N), static_cast<int>(K)};
-      pl.a[n] = a + s * K;
-      pl.b[n] = b + e * N * K;
-      pl.d[n] = d + s * N;
-    } else if (kind == kGradX) {
-      pl.shapes[n] = Shape3{static_cast<int>(r), static_cast<int>(K), static_cast<int>(N)};
-      pl.a[n] = a + s * N;
-      pl.b[n] = b + e * N * K;
-      pl.d[n] = d + s * K;
-    } else {  // kGradW: a = g, b = x, d = grad_w
-      pl.shapes[n] = Shape3{static_cast<int>(N), static_cast<int>(K), static_cast<int>(r)};
-      pl.a[n] = a + s * N;
-      pl.b[n] = b + s * K;
-      pl.d[n] = d + e * N * K;
-    }
-    ++n;
-  }
-  for (int i = 0; i < E; ++i) {
-    if (i >= n) {  // a dummy problem: one output row of a zero operand into scratch
-      if (kind == kForward)
-        pl.shapes[i] = Shape3{1, static_cast<int>(N), static_cast<int>(K)};
-      else if (kind == kGradX)
-        pl.shapes[i] = Shape3{1, static_cast<int>(K), static_cast<int>(N)};
-      else
-        pl.shapes[i] = Shape3{1, static_cast<int>(K), 1};
-      pl.a[i] = pl.zero;
-      pl.b[i] = kind == kGradW ? pl.zero : b;
-      pl.d[i] = pl.scratch + i * width;
-    }
+__global__ void setup_kernel(int kind, ProblemList<Element, G> pl, GroupedProblem* list, const int64_t* offsets, int E,
+                             int64_t K, int64_t N, const Element* a, const Element* b, Element* d,
+                             typename G::StrideA sa, typename G::StrideB sb, typename G::StrideD sd) {
+  if (threadIdx.x == 0) build_problem_list(kind, offsets, E, K, N, list);
+  __syncthreads();
+  for (int i = threadIdx.x; i < E; i += blockDim.x) {
+    const GroupedProblem p = list[i];
+    pl.shapes[i] = Shape3{p.m, p.n, p.k};
+    pl.a[i] = (p.dummy ? pl.zero : a) + p.a;
+    pl.b[i] = (p.dummy && kind == kGradW ? pl.zero : b) + p.b;
+    pl.d[i] = (p.dummy ? pl.scratch : d) + p.d;
     pl.sa[i] = sa;
     pl.sb[i] = sb;
     pl.sd[i] = sd;
@@ -153,6 +127,7 @@ size_t list_bytes(int E, int64_t K, int64_t N) {
   add(sizeof(typename G::StrideD) * E);
   add(sizeof(Element) * width);
   add(sizeof(Element) * width * E);
+  add(sizeof(GroupedProblem) * E);
   return total;
 }
 
@@ -202,13 +177,15 @@ void run_kind(int kind, const GroupedCall& c, typename G::StrideA sa, typename G
   pl.sd = reinterpret_cast<typename G::StrideD*>(bump(p, sizeof(typename G::StrideD) * c.E));
   pl.zero = reinterpret_cast<Element*>(bump(p, sizeof(Element) * width));
   pl.scratch = reinterpret_cast<Element*>(bump(p, sizeof(Element) * width * c.E));
+  pl.list = reinterpret_cast<GroupedProblem*>(bump(p, sizeof(GroupedProblem) * c.E));
   char* cutlass_ws = p;
 
   cudaError_t err = cudaMemsetAsync(pl.zero, 0, sizeof(Element) * width, c.stream);
   if (err != cudaSuccess) throw std::runtime_error(std::string("cumo_kernels._cuda: ") + cudaGetErrorString(err));
-  setup_kernel<Element, G><<<1, 32, 0, c.stream>>>(
-      kind, pl, reinterpret_cast<const int64_t*>(c.offsets), c.E, c.K, c.N, reinterpret_cast<const Element*>(c.a),
-      reinterpret_cast<const Element*>(c.b), reinterpret_cast<Element*>(c.d), sa, sb, sd);
+  setup_kernel<Element, G><<<1, 128, 0, c.stream>>>(kind, pl, pl.list, reinterpret_cast<const int64_t*>(c.offsets), c.E,
+                                                     c.K, c.N, reinterpret_cast<const Element*>(c.a),
+                                                     reinterpret_cast<const Element*>(c.b),
+                                                     reinterpret_cast<Element*>(c.d), sa, sb, sd);
   err = cudaGetLastError();
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("cumo_kernels._cuda: sm90 setup_kernel: ") + cudaGetErrorString(err));

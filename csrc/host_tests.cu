@@ -115,6 +115,17 @@ std::vector<std::vector<int64_t>> host_compact_problems(const std::vector<int64_
   return out;
 }
 
+std::vector<std::vector<int64_t>> host_problem_list(int kind, const std::vector<int64_t>& offsets, i64 K, i64 N) {
+  if (offsets.size() < 2 || kind < kForward || kind > kGradW || K < 1 || N < 1)
+    throw std::invalid_argument("host_problem_list: bad arguments");
+  const int E = static_cast<int>(offsets.size()) - 1;
+  std::vector<GroupedProblem> list(E);
+  build_problem_list(kind, offsets.data(), E, K, N, list.data());
+  std::vector<std::vector<int64_t>> out;
+  for (const GroupedProblem& p : list) out.push_back({p.m, p.n, p.k, p.a, p.b, p.d, p.lda, p.ldb, p.ldd, p.dummy});
+  return out;
+}
+
 bool host_aligned16(u64 address, i64 row_elems, int elem_bytes) { return aligned16(address, row_elems, elem_bytes); }
 
 float host_round_to(float v, int dtype) {

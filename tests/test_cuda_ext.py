@@ -204,6 +204,55 @@ def test_tile_schedule_and_problem_compaction():
             assert off[e + 1] > off[e] and tl[e] <= tile < tl[e + 1]
 
 
+def _run_problem_list(ext, kind, offsets, a, b, k_in, n_out, e_count, out_shape):
+    """Runs the CUTLASS paths' problem list as CUTLASS would read it (layouts per kind, offsets,
+    leading dimensions; dummies on a zero row into scratch), in float64 on the CPU."""
+    plist = ext.host_problem_list(kind, offsets, k_in, n_out)
+    assert len(plist) == e_count
+    width = max(k_in, n_out)
+    zero = torch.zeros(width, dtype=torch.float64)
+    scratch = torch.full((e_count * width,), float("nan"), dtype=torch.float64)
+    d = torch.full(out_shape, float("nan"), dtype=torch.float64).flatten()
+    a_row, b_col = kind in (0, 1), kind == 0  # kGradW: A column-major; kForward: B column-major
+    for m, n, k, ao, bo, do, lda, ldb, ldd, dummy in plist:
+        assert m > 0 and n > 0 and k > 0, "a zero-size problem would reach CUTLASS"
+        src_a = zero if dummy else a.flatten()
+        src_b = zero if (dummy and kind == 2) else b.flatten()
+        dst = scratch if dummy else d
+        am = torch.as_strided(src_a, (m, k), (lda, 1) if a_row else (1, lda), ao)
+        bm = torch.as_strided(src_b, (k, n), (1, ldb) if b_col else (ldb, 1), bo)
+        torch.as_strided(dst, (m, n), (ldd, 1), do).copy_(am @ bm)
+    return d.view(out_shape)
+
+
+@pytest.mark.parametrize("counts", [[5, 0, 9, 3], [0, 0, 7, 0], [4, 4, 4, 4], [0, 0, 0, 1]], ids=str)
+def test_cutlass_problem_list_computes_the_grouped_gemm(counts):
+    """The device-built problem list of the CUTLASS paths (cumo_hd.h's build_problem_list, run by
+    their setup kernels), executed here with CUTLASS's layouts: forward, grad_x and grad_w match the
+    torch reference, and empty experts reach no GEMM (their dW is zeroed by a separate kernel)."""
+    ext = _ext()
+    g = torch.Generator().manual_seed(sum(counts))
+    e, k_in, n_out = len(counts), 8, 16
+    m = sum(counts)
+    offsets = [0] + torch.tensor(counts).cumsum(0).tolist()
+    off_t = torch.tensor(offsets)
+    x = torch.randn(m, k_in, generator=g, dtype=torch.float64)
+    w = torch.randn(e, n_out, k_in, generator=g, dtype=torch.float64)
+    gy = torch.randn(m, n_out, generator=g, dtype=torch.float64)
+    y = _run_problem_list(ext, 0, offsets, x, w, k_in, n_out, e, (m, n_out))
+    ry, _ = reference.grouped_linear(x, w, None, off_t, "none")
+    torch.testing.assert_close(y, ry)
+    gx = _run_problem_list(ext, 1, offsets, gy, w, k_in, n_out, e, (m, k_in))
+    gw = _run_problem_list(ext, 2, offsets, gy, x, k_in, n_out, e, (e, n_out, k_in))
+    rgx, rgw, _ = reference.grouped_linear_backward(gy, x, w, off_t, x.new_empty(0), "none", False)
+    torch.testing.assert_close(gx, rgx)
+    for e_, c in enumerate(counts):
+        if c == 0:
+            assert torch.isnan(gw[e_]).all(), "an empty expert's dW was written by a GEMM"
+            gw[e_] = 0.0  # what zero_empty_experts_kernel does
+    torch.testing.assert_close(gw, rgw)
+
+
 def test_alignment_check():
     ext = _ext()
     assert ext.host_aligned16(4096, 64, 2)
