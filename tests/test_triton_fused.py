@@ -321,3 +321,15 @@ def test_triton_cuda_design_shapes(dtype, shape):
     b, n, d_in, hidden, d_out, e, k, act = GPU_SHAPES[shape]
     inputs = make_moe_inputs((b, n), d_in, hidden, d_out, e, dtype=dtype, device="cuda", seed=1)
     test_moe_mlp.check_moe(inputs, k, act, dtype, "cuda", "triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_moe_mlp_multiblock(device, backend, dtype):
+    """A layer larger than one block of every kernel under the interpreter's fixed config (rows,
+    columns, the reduction dim, token chunks per sample, sort blocks): E=6, k=2, two samples of 40
+    tokens, dims 36 / 40 / 35."""
+    skip_unsupported(device, backend, dtype)
+    import test_moe_mlp
+
+    inputs = make_moe_inputs((2, 40), 36, 40, 35, 6, dtype=dtype, device=device, seed=5)
+    test_moe_mlp.check_moe(inputs, 2, "gelu", dtype, device, backend, seed=5)
