@@ -265,7 +265,7 @@ def _grouped_dw_kernel(
         acc = tl.dot(tl.trans(g), xt, acc, input_precision=PREC)
         if HAS_BIAS:
             db += tl.sum(g.to(tl.float32), axis=0)
-    w_off = e * N * K + ns[:, None] * K + ks[None, :]
+    w_off = e.to(tl.int64) * N * K + ns[:, None] * K + ks[None, :]
     tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
     if HAS_BIAS:
         tl.store(db_ptr + e * N + ns, db.to(db_ptr.dtype.element_ty), mask=nmask & (pid_k == 0))
