@@ -109,9 +109,12 @@ fi
 # 2. Build the package and its extension here (a build from another machine does not load).
 if want build; then
 	t=$(tmo 240 270)
-	log "build: pip install --no-build-isolation --no-deps -e . (limit ${t}s)"
-	MAX_JOBS=${MAX_JOBS:-16} timeout -k 10 "$t" "$PY" -m pip install --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1
+	# Only this GPU's arch (sm_90a on H100/H200: the CUTLASS sm90 path), unless CUMO_CUDA_ARCHS is set.
+	archs=${CUMO_CUDA_ARCHS:-$("$PY" -c 'import torch; M, m = torch.cuda.get_device_capability(); print(f"{M}{m}a" if M == 9 else f"{M}{m}")' 2>/dev/null || echo "80;90a")}
+	log "build: CUMO_CUDA_ARCHS=$archs pip install --no-build-isolation --no-deps -e . (limit ${t}s)"
+	CUMO_CUDA_ARCHS=$archs MAX_JOBS=${MAX_JOBS:-16} timeout -k 10 "$t" "$PY" -m pip install --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1
 	log "build: exit $?"
+	"$PY" -c 'import cumo_kernels._cuda as e; print("cumo_kernels._cuda build:", e.build_info())' 2>&1 | tee -a "$LOGS/suite.log"
 	"$PY" -c 'import cumo_kernels as c; print("cumo_kernels", c.__version__, "backends on cuda:", c.available_backends("cuda"))' 2>&1 | tee -a "$LOGS/suite.log"
 	pack
 fi
