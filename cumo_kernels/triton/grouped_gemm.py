@@ -22,11 +22,14 @@ with d bias accumulated by the first K block: no atomics, deterministic.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import ACT_CODES, act_fwd, act_grad, autotuned, check_dtype, dot_precision, launch
+from ._common import ACT_CODES, INTERPRET, act_fwd, act_grad, autotuned, check_dtype, dot_precision, launch
 
 _FIXED = {"BM": 16, "BN": 16, "BK": 16}
 
@@ -49,6 +52,35 @@ def _configs() -> list:
 _KEY = ["N", "K", "M_BUCKET"]
 
 
+def _tma_block_shapes(nargs: dict) -> None:
+    """Autotune pre-hook: the descriptors' block shapes follow the config's tile."""
+    nargs["a_desc"].block_shape = [nargs["BM"], nargs["BK"]]
+    nargs["w_desc"].block_shape = [nargs["BN"], nargs["BK"]]
+
+
+def _tma_configs() -> list:
+    return [
+        triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_tma_block_shapes)
+        for c in _configs()
+    ]
+
+
+def tma_enabled() -> bool:
+    """The Hopper TMA forward is off unless CUMO_TRITON_TMA=1 (no GPU has measured it yet)."""
+    return os.environ.get("CUMO_TRITON_TMA", "0") == "1"
+
+
+def _tma_usable(a: torch.Tensor, weight: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides, and a Hopper (sm90+) GPU."""
+    if not tma_enabled():
+        return False
+    k = weight.shape[2]
+    aligned = k * a.element_size() % 16 == 0 and a.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+    if not aligned:
+        return False
+    return INTERPRET or (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9)
+
+
 @triton.jit
 def _find_tile(offsets_ptr, E, pid, BM: tl.constexpr):
     """(expert, first row, end row) of the pid-th tile of BM rows; expert -1 past the last tile."""
@@ -67,6 +99,40 @@ def _find_tile(offsets_ptr, E, pid, BM: tl.constexpr):
         row_end = tl.where(hit, t, row_end)
         acc += n_t
     return e_sel, row0, row_end
+
+
+@triton.jit
+def _fwd_epilogue(
+    acc,
+    b_ptr,
+    y_ptr,
+    pre_ptr,
+    rows,
+    slot,
+    rmask,
+    cols,
+    cmask,
+    e_safe,
+    N,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    SCATTER: tl.constexpr,
+):
+    """+ bias, store the pre-activation (rounded to the output dtype) and act(pre); rows go to
+    sort_idx[r] when SCATTER."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + e_safe * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    orow = rows
+    if SCATTER:
+        orow = slot
+    out_mask = rmask[:, None] & cmask[None, :]
+    pre = acc.to(y_ptr.dtype.element_ty)
+    if ACT != 0:
+        tl.store(pre_ptr + rows[:, None] * N + cols[None, :], pre, mask=out_mask)
+        y = act_fwd(pre.to(tl.float32), ACT).to(y_ptr.dtype.element_ty)
+    else:
+        y = pre
+    tl.store(y_ptr + orow[:, None] * N + cols[None, :], y, mask=out_mask)
 
 
 @triton.jit
@@ -116,19 +182,66 @@ def _grouped_fwd_kernel(
         a = tl.load(a_ptr + arow[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(w_base + cols[None, :] * K + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + e_safe * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    orow = rows
-    if SCATTER:
-        orow = slot
-    out_mask = rmask[:, None] & cmask[None, :]
-    pre = acc.to(y_ptr.dtype.element_ty)
-    if ACT != 0:
-        tl.store(pre_ptr + rows[:, None] * N + cols[None, :], pre, mask=out_mask)
-        y = act_fwd(pre.to(tl.float32), ACT).to(y_ptr.dtype.element_ty)
-    else:
-        y = pre
-    tl.store(y_ptr + orow[:, None] * N + cols[None, :], y, mask=out_mask)
+    _fwd_epilogue(acc, b_ptr, y_ptr, pre_ptr, rows, slot, rmask, cols, cmask, e_safe, N, HAS_BIAS, ACT, SCATTER)
+
+
+@triton.jit
+def _grouped_fwd_tma_kernel(
+    a_ptr,
+    a_desc,
+    w_desc,
+    b_ptr,
+    y_ptr,
+    pre_ptr,
+    offsets_ptr,
+    idx_ptr,
+    N,
+    K,
+    E,
+    top_k,
+    M_BUCKET,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    GATHER: tl.constexpr,
+    SCATTER: tl.constexpr,
+    PREC: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """Hopper variant of `_grouped_fwd_kernel` (off by default: CUMO_TRITON_TMA=1, waits for a GPU
+    measurement): the weight tile, and A's tile when rows are not gathered, come through TMA
+    descriptors (w viewed as [E*N, K], a as [M, K]). A block may read rows of the next expert or
+    the next expert's weight rows: those rows / columns are masked at the store, and TMA zero-fills
+    past the tensors' ends."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e_sel, row0, row_end = _find_tile(offsets_ptr, E, pid_m, BM)
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < row_end
+    rows = tl.where(rmask, rows, 0)
+    slot = rows
+    if GATHER or SCATTER:
+        slot = tl.load(idx_ptr + rows, mask=rmask, other=0)
+    arow = rows
+    if GATHER:
+        arow = slot // top_k
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < N
+    e_safe = tl.maximum(e_sel, 0)
+    w_row = (e_safe * N + pid_n * BN).to(tl.int32)
+    a_row = row0.to(tl.int32)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    k_end = tl.where(e_sel >= 0, K, 0)
+    for k0 in range(0, k_end, BK):
+        if GATHER:
+            ks = k0 + tl.arange(0, BK)
+            a = tl.load(a_ptr + arow[:, None] * K + ks[None, :], mask=rmask[:, None] & (ks < K)[None, :], other=0.0)
+        else:
+            a = a_desc.load([a_row, k0])
+        b = w_desc.load([w_row, k0])
+        acc = tl.dot(a, b.T, acc, input_precision=PREC)
+    _fwd_epilogue(acc, b_ptr, y_ptr, pre_ptr, rows, slot, rmask, cols, cmask, e_safe, N, HAS_BIAS, ACT, SCATTER)
 
 
 @triton.jit
@@ -272,6 +385,7 @@ def _grouped_dw_kernel(
 
 
 _fwd = autotuned(_grouped_fwd_kernel, _configs(), _KEY)
+_fwd_tma = autotuned(_grouped_fwd_tma_kernel, _tma_configs(), _KEY)
 _dx = autotuned(_grouped_dx_kernel, _configs(), _KEY)
 _dw = autotuned(_grouped_dw_kernel, _configs(), _KEY)
 
@@ -329,7 +443,13 @@ def forward(
         scatter,
         dot_precision(a.dtype),
     )
-    launch(_fwd, lambda meta: (triton.cdiv(m, meta["BM"]) + e, triton.cdiv(n, meta["BN"])), args, _FIXED)
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) + e, triton.cdiv(n, meta["BN"]))  # noqa: E731
+    if _tma_usable(a, weight):
+        a_desc = TensorDescriptor.from_tensor(a, [_FIXED["BM"], _FIXED["BK"]])
+        w_desc = TensorDescriptor.from_tensor(weight.view(e * n, k), [_FIXED["BN"], _FIXED["BK"]])
+        launch(_fwd_tma, grid, (a, a_desc, w_desc) + args[2:], _FIXED)
+    else:
+        launch(_fwd, grid, args, _FIXED)
     return y, pre
 
 
