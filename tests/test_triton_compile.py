@@ -46,6 +46,7 @@ VARIANTS = [
     ("_route_bwd_kernel", dict(TOPK=2, BT=64, BE=4)),
     ("_route_x_bwd_kernel", dict(TOPK=2, PREC="ieee", BT=64, BE=16, BD=64)),
     ("_dgate_kernel", dict(PREC="ieee", BT=64, BE=16, BD=64)),
+    ("_dgate_reduce_kernel", dict(BLOCK=1024)),
     ("_hist_kernel", dict(BS=512, BE=4)),
     ("_sort_scatter_kernel", dict(BS=512, BE=4)),
     ("_gather_rows_kernel", dict(BR=32, BC=128)),

@@ -275,7 +275,8 @@ BACKWARD_LAUNCHES = [
     "_grouped_dw_kernel",  # fc1: d w1, d b1, x gathered on load
     "_slot_sum_kernel",  # fc1: sum over each token's k slots
     "_route_x_bwd_kernel",  # d logits and the router's share of d x
-    "_dgate_kernel",  # d gate
+    "_dgate_kernel",  # d gate: float32 partials over token splits
+    "_dgate_reduce_kernel",  # d gate: sum of the splits in order
 ]
 
 

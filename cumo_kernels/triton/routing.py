@@ -17,6 +17,7 @@ from ._common import INTERPRET, check_dtype, dot_precision, pow2
 
 BLOCK_T = 16 if INTERPRET else 64
 BLOCK_IN = 32 if INTERPRET else 64
+BLOCK_RED = 256 if INTERPRET else 1024
 
 
 @triton.jit
@@ -239,21 +240,47 @@ def _route_x_bwd_kernel(
 
 @triton.jit
 def _dgate_kernel(
-    dl_ptr, x_ptr, dg_ptr, T, E, D, PREC: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr
+    dl_ptr,
+    x_ptr,
+    part_ptr,
+    T,
+    E,
+    D,
+    CHUNK,
+    PREC: tl.constexpr,
+    BT: tl.constexpr,
+    BE: tl.constexpr,
+    BD: tl.constexpr,
 ):
-    """dgate [E, D] = dlogits^T @ x, one program per column block, rows in order (no atomics)."""
+    """Partial dgate [E, BD] = dlogits^T @ x over the tokens [s*CHUNK, (s+1)*CHUNK), in order,
+    for column block d and token split s (grid (D-blocks, splits)): float32 partials, no atomics."""
     ds = tl.program_id(0) * BD + tl.arange(0, BD)
     dmask = ds < D
+    split = tl.program_id(1)
     cols = tl.arange(0, BE)
     cmask = cols < E
+    t_start = split * CHUNK
+    t_end = tl.minimum(t_start + CHUNK, T)
     acc = tl.zeros([BE, BD], dtype=tl.float32)
-    for t0 in range(0, T, BT):
+    for t0 in range(t_start, t_end, BT):
         rows = (t0 + tl.arange(0, BT)).to(tl.int64)
-        rmask = rows < T
+        rmask = rows < t_end
         dlt = tl.load(dl_ptr + cols[:, None] + rows[None, :] * E, mask=cmask[:, None] & rmask[None, :], other=0.0)
         xt = tl.load(x_ptr + rows[:, None] * D + ds[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
         acc = tl.dot(dlt, xt, acc, input_precision=PREC)
-    tl.store(dg_ptr + cols[:, None] * D + ds[None, :], acc.to(dg_ptr.dtype.element_ty), mask=cmask[:, None] & dmask)
+    base = split.to(tl.int64) * E * D
+    tl.store(part_ptr + base + cols[:, None] * D + ds[None, :], acc, mask=cmask[:, None] & dmask)
+
+
+@triton.jit
+def _dgate_reduce_kernel(part_ptr, dg_ptr, NSPLIT, NUMEL, BLOCK: tl.constexpr):
+    """dgate = the sum of the splits' partials, in split order (deterministic)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < NUMEL
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(NSPLIT):
+        acc += tl.load(part_ptr + s * NUMEL + offs, mask=m, other=0.0)
+    tl.store(dg_ptr + offs, acc.to(dg_ptr.dtype.element_ty), mask=m)
 
 
 # ------------------------------------------------------------------------------------ launchers
@@ -381,7 +408,7 @@ def route_x_backward(
     logits: torch.Tensor,
     expert_ids: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton `route_x_backward` (two launches): (grad_x [T, in], grad_gate [E, in])."""
+    """Triton `route_x_backward` (three launches): (grad_x [T, in], grad_gate [E, in])."""
     x, gate_weight = x.contiguous(), gate_weight.contiguous()
     t, d = x.shape
     e = gate_weight.shape[0]
@@ -413,5 +440,14 @@ def route_x_backward(
         BE=be,
         BD=BLOCK_IN,
     )
-    _dgate_kernel[(triton.cdiv(d, BLOCK_IN),)](dl, x, dg, t, e, d, PREC=prec, BT=BLOCK_T, BE=be, BD=BLOCK_IN)
+    # dgate reduces over all T tokens: split them so that enough programs run (at most 32 splits
+    # of >= 4 token blocks each), then sum the float32 partials in split order.
+    nsplit = min(triton.cdiv(t, 4 * BLOCK_T), 32)
+    chunk = triton.cdiv(triton.cdiv(t, nsplit), BLOCK_T) * BLOCK_T
+    nsplit = triton.cdiv(t, chunk)
+    part = torch.empty(nsplit, e, d, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(d, BLOCK_IN), nsplit)
+    _dgate_kernel[grid](dl, x, part, t, e, d, chunk, PREC=prec, BT=BLOCK_T, BE=be, BD=BLOCK_IN)
+    numel = e * d
+    _dgate_reduce_kernel[(triton.cdiv(numel, BLOCK_RED),)](part, dg, nsplit, numel, BLOCK=BLOCK_RED)
     return dx, dg
