@@ -304,11 +304,13 @@ def test_triton_layer_launches(monkeypatch):
 
 # ------------------------------------------------------------------------- on GPUs, real shapes
 
-# name: (B, N, in, hidden, out, E, k, activation); DESIGN.md's inference shapes (one sample of
-# the connector, one image of the vision encoder) to keep the float64 oracle affordable.
+# name: (B, N, in, hidden, out, E, k, activation): DESIGN.md's shapes up to a few thousand tokens
+# (the float64 oracle runs every expert densely over all tokens, four backward passes).
 GPU_SHAPES = {
     "connector-infer": (1, 576, 2048, 4096, 4096, 4, 2, "gelu"),
+    "connector-train": (4, 576, 2048, 4096, 4096, 4, 2, "gelu"),
     "clip-infer": (10, 577, 1024, 4096, 1024, 4, 2, "quick_gelu"),
+    "clip-train-whole": (4, 577, 1024, 4096, 1024, 4, 2, "quick_gelu"),
 }
 
 
