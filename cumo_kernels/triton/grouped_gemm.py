@@ -477,6 +477,7 @@ def backward(
     gather_x: x is [T, K] in token order (the forward gathered it). scatter_dx: dx is written in
     slot order [T*k, K] (then summed over k by the caller).
     """
+    check_dtype("x", x)
     grad, x, weight, offsets = grad.contiguous(), x.contiguous(), weight.contiguous(), offsets.contiguous()
     e, n, k = weight.shape
     m = sort_idx.numel() if sort_idx is not None else x.shape[0]

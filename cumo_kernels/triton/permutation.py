@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, pow2
+from ._common import INTERPRET, check_dtype, pow2
 
 BLOCK_S = 64 if INTERPRET else 512
 BLOCK_R = 16 if INTERPRET else 32
@@ -195,6 +195,7 @@ def permute(
     x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton `permute` (three launches): histogram, sort scatter, row gather."""
+    check_dtype("x", x)
     x = x.contiguous()
     sort_idx, offsets = sort_experts(expert_ids, num_experts)
     return gather_rows(x, sort_idx, expert_ids.shape[1]), sort_idx, offsets
@@ -202,11 +203,13 @@ def permute(
 
 def permute_backward(grad_sorted: torch.Tensor, sort_idx: torch.Tensor, top_k: int) -> torch.Tensor:
     """Triton `permute_backward` (two launches): invert the order, sum each token's k rows."""
+    check_dtype("grad_sorted", grad_sorted)
     return slot_sum(grad_sorted.contiguous(), sort_idx.numel() // top_k, top_k, inv=invert(sort_idx))
 
 
 def unpermute(y_sorted: torch.Tensor, sort_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Triton `unpermute` (two launches): invert the order, weighted sum of each token's k rows."""
+    check_dtype("y_sorted", y_sorted)
     t, k = weights.shape
     return slot_sum(y_sorted.contiguous(), t, k, inv=invert(sort_idx), weights=weights.contiguous())
 
@@ -215,6 +218,7 @@ def unpermute_backward(
     grad_out: torch.Tensor, y_sorted: torch.Tensor, sort_idx: torch.Tensor, weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton `unpermute_backward` (one launch): (grad_y_sorted, grad_weights)."""
+    check_dtype("y_sorted", y_sorted)
     y_sorted = y_sorted.contiguous()
     m, h = y_sorted.shape
     gys = torch.empty_like(y_sorted)

@@ -333,6 +333,7 @@ def route_backward(
     expert_ids: torch.Tensor,
 ) -> torch.Tensor:
     """Triton `route_backward` (one launch): d logits in logits.dtype."""
+    check_dtype("logits", logits)
     t, e = logits.shape
     dl = torch.empty_like(logits)
     if t == 0:
@@ -409,6 +410,7 @@ def route_x_backward(
     expert_ids: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton `route_x_backward` (three launches): (grad_x [T, in], grad_gate [E, in])."""
+    check_dtype("x", x)
     x, gate_weight = x.contiguous(), gate_weight.contiguous()
     t, d = x.shape
     e = gate_weight.shape[0]
