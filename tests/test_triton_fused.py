@@ -369,3 +369,38 @@ def test_triton_tma_forward_matches_default(monkeypatch, dtype):
     got = run()
     for name, a, b in zip(("h", "pre", "out", "y_slot"), got, want):
         assert torch.equal(a, b), f"{name} differs between the TMA and the default forward"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_triton_layer_no_sync_and_cuda_graph():
+    """On a GPU: the layer's forward + backward make no host sync (torch's sync debug mode raises on
+    one), and a CUDA graph of them replays to the eager results bit for bit (deterministic kernels)."""
+    inp = make_moe_inputs((4, 577), 1024, 512, 1024, 4, dtype=torch.bfloat16, device="cuda", seed=2)
+    leaves = {n: v.requires_grad_() for n, v in inp.items()}
+    g = torch.randn(4, 577, 1024, generator=seeded(3)).to(device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        y, bal, z = cumo_kernels.moe_mlp(**leaves, top_k=2, activation="quick_gelu", backend="triton")
+        loss = (y * g).sum() + 0.1 * bal + 0.01 * z
+        return (y, bal, z, *torch.autograd.grad(loss, list(leaves.values())))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # autotuning and the first compile happen here, before any capture
+            eager = step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for i, (a, b) in enumerate(zip(captured, eager)):
+        assert torch.equal(a, b), f"output {i} of the CUDA graph replay differs from eager"
