@@ -46,7 +46,59 @@ def refusal(device_type: str) -> str | None:
         return f"the extension cumo_kernels._cuda is not built or cannot be loaded ({_IMPORT_ERROR}); {_BUILD_HINT}"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
+    if not any(_arch_refusal(i) is None for i in range(torch.cuda.device_count())):
+        return _arch_refusal(0)
     return None
+
+
+# ------------------------------------------------------------------------ archs of this build
+
+
+def built_archs() -> list[str]:
+    """The archs this build holds code for ("80", "90a", ...), from the module's build_info;
+    empty when unknown."""
+    if _cuda is None:
+        return []
+    info = _cuda.build_info()
+    token = next((w for w in info.split() if w.startswith("archs=")), "archs=unknown")[len("archs=") :]
+    return [] if token in ("", "unknown") else [a for a in token.split(",") if a]
+
+
+def arch_runs_on(arch: str, capability: int) -> bool:
+    """Whether SASS built for `arch` ("80", "86", "90a", "100f", ...) runs on a device of compute
+    capability `capability` (major*10+minor). setup.py embeds SASS only (no PTX to JIT): plain SASS
+    runs on the same major at an equal or higher minor; an arch-specific one ("90a") only on that
+    exact capability; a family one ("100f") as plain SASS."""
+    digits = "".join(ch for ch in arch if ch.isdigit())
+    suffix = arch[len(digits) :]
+    if not digits:
+        return False
+    built = int(digits)
+    if suffix == "a":
+        return capability == built
+    return capability // 10 == built // 10 and capability % 10 >= built % 10
+
+
+_ARCH_REFUSALS: dict[int, str | None] = {}
+
+
+def _arch_refusal(index: int) -> str | None:
+    """None when this build holds kernels that run on CUDA device `index`, else why not (cached:
+    a device's capability does not change). Without it every launch would fail with "no kernel
+    image is available", a RuntimeError that `auto` cannot fall back from."""
+    if index not in _ARCH_REFUSALS:
+        archs = built_archs()
+        major, minor = torch.cuda.get_device_capability(index)
+        cc = major * 10 + minor
+        if not archs or any(arch_runs_on(a, cc) for a in archs):
+            _ARCH_REFUSALS[index] = None
+        else:
+            _ARCH_REFUSALS[index] = (
+                f"cuda backend: cumo_kernels._cuda is built for archs {','.join(archs)}, which cannot run on "
+                f"cuda:{index} (compute capability {major}.{minor}); rebuild with CUMO_CUDA_ARCHS including "
+                f"{major}{minor}{'a' if cc == 90 else ''}"
+            )
+    return _ARCH_REFUSALS[index]
 
 
 # ------------------------------------------------------------------------------------- checks
@@ -63,6 +115,9 @@ def _check(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype 
     """Device, dtype, contiguity and element alignment of one operand."""
     if t.device != device or t.device.type != "cuda":
         raise Unsupported(f"cuda backend: {name}: on {t.device}, expected {device} (a CUDA tensor)")
+    why = _arch_refusal(t.device.index)
+    if why is not None:
+        raise Unsupported(why)
     if dtype is not None and t.dtype != dtype:
         raise Unsupported(f"cuda backend: {name}: dtype {t.dtype}, expected {dtype}")
     if not t.is_contiguous():
@@ -137,14 +192,29 @@ def route_backward(
     gp = grad_prob_sums.to(torch.float32).contiguous()
     gz = grad_z_sums.to(torch.float32).contiguous()
     ids = expert_ids.contiguous()
-    for name, x in (("grad_weights", gw), ("grad_prob_sums", gp), ("grad_z_sums", gz), ("expert_ids", ids)):
+    _check("expert_ids", ids, dev, torch.int64)  # the kernel reads int64 ids
+    for name, x in (("grad_weights", gw), ("grad_prob_sums", gp), ("grad_z_sums", gz)):
         _check(name, x, dev)
     out = torch.empty_like(logits)
     if t == 0:
         return out
+    # The kernel indexes these by the sizes below: a mismatch would read out of bounds.
+    k = ids.shape[1] if ids.dim() == 2 else -1
+    b = gp.shape[0] if gp.dim() == 2 else -1
+    for name, x, want in (
+        ("expert_ids", ids, (t, k)),
+        ("grad_weights", gw, (t, k)),
+        ("grad_prob_sums", gp, (b, e)),
+        ("grad_z_sums", gz, (b,)),
+    ):
+        if tuple(x.shape) != want or min(want) < 1:
+            raise ValueError(
+                f"cuda backend: route_backward: {name}: shape {list(x.shape)}, expected {list(want)} "
+                f"(logits [T, E] = {[t, e]}, expert_ids [T, k], grad_prob_sums [B, E], grad_z_sums [B])"
+            )
     _cuda.route_backward(
-        gw.data_ptr(), gp.data_ptr(), gz.data_ptr(), logits.data_ptr(), ids.data_ptr(), t, e, ids.shape[1],
-        gp.shape[0], code, out.data_ptr(), _stream(dev), dev.index,
+        gw.data_ptr(), gp.data_ptr(), gz.data_ptr(), logits.data_ptr(), ids.data_ptr(), t, e, k, b, code,
+        out.data_ptr(), _stream(dev), dev.index,
     )  # fmt: skip
     return out
 

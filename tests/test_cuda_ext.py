@@ -107,6 +107,40 @@ def test_backend_is_available_on_a_gpu():
     assert "cuda" in cumo_kernels.available_backends("cuda"), "the parity suite would not run the cuda backend"
 
 
+def test_arch_rule_matches_sass_compatibility():
+    """setup.py embeds SASS only: same major at an equal or higher minor; "90a" on 9.0 alone."""
+    runs = cuda_backend.arch_runs_on
+    assert runs("80", 80) and runs("80", 86) and runs("80", 89)
+    assert not runs("80", 90) and not runs("80", 75) and not runs("86", 80) and not runs("80", 100)
+    assert runs("90a", 90) and not runs("90a", 100) and not runs("90a", 89)
+    assert runs("90", 90) and not runs("90", 100) and not runs("90", 120)
+    assert runs("100f", 103) and not runs("100f", 120)
+
+
+def test_built_archs_come_from_the_build():
+    ext = _ext()
+    token = next(w for w in ext.build_info().split() if w.startswith("archs="))
+    assert cuda_backend.built_archs() == token[len("archs=") :].split(",")
+    assert cuda_backend.built_archs(), "build_info names no arch"
+
+
+def test_device_outside_the_built_archs_is_refused(monkeypatch):
+    """A GPU no built arch runs on (a T4, a Blackwell with the default archs) is refused with the
+    reason (Unsupported: auto falls back), not left to fail with "no kernel image is available"."""
+    _ext()
+    monkeypatch.setattr(cuda_backend, "built_archs", lambda: ["80", "90a"])
+    for cap, ok in (((7, 5), False), ((10, 0), False), ((8, 9), True), ((9, 0), True), ((8, 0), True)):
+        monkeypatch.setattr(cuda_backend, "_ARCH_REFUSALS", {})
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, cap=cap: cap)
+        why = cuda_backend._arch_refusal(0)
+        assert (why is None) == ok, (cap, why)
+        if not ok:
+            assert f"{cap[0]}.{cap[1]}" in why and "CUMO_CUDA_ARCHS" in why and "80,90a" in why
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+            monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+            assert cuda_backend.refusal("cuda") == why
+
+
 # -------------------------------------------------------------------- host-device helpers vs reference
 
 
