@@ -180,6 +180,14 @@ void run_kind(int kind, const GroupedCall& c, typename G::StrideA sa, typename G
   pl.list = reinterpret_cast<GroupedProblem*>(bump(p, sizeof(GroupedProblem) * c.E));
   char* cutlass_ws = p;
 
+  // The whole workspace (problem list, zero row, scratch, CUTLASS's own) is checked before
+  // anything writes into it.
+  auto args = make_args<Element, G>(c.E, pl, c.device);
+  const size_t need = G::Gemm::get_workspace_size(args);
+  const uint64_t ws_end = c.workspace + c.workspace_bytes, ws_at = reinterpret_cast<uint64_t>(cutlass_ws);
+  if (ws_at > ws_end || ws_end - ws_at < need)
+    throw std::runtime_error("cumo_kernels._cuda: sm90 grouped GEMM workspace too small");
+
   cudaError_t err = cudaMemsetAsync(pl.zero, 0, sizeof(Element) * width, c.stream);
   if (err != cudaSuccess) throw std::runtime_error(std::string("cumo_kernels._cuda: ") + cudaGetErrorString(err));
   setup_kernel<Element, G><<<1, 128, 0, c.stream>>>(kind, pl, pl.list, reinterpret_cast<const int64_t*>(c.offsets), c.E,
@@ -190,10 +198,6 @@ void run_kind(int kind, const GroupedCall& c, typename G::StrideA sa, typename G
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("cumo_kernels._cuda: sm90 setup_kernel: ") + cudaGetErrorString(err));
 
-  auto args = make_args<Element, G>(c.E, pl, c.device);
-  const size_t need = G::Gemm::get_workspace_size(args);
-  if (static_cast<size_t>(c.workspace + c.workspace_bytes - reinterpret_cast<uint64_t>(cutlass_ws)) < need)
-    throw std::runtime_error("cumo_kernels._cuda: sm90 grouped GEMM workspace too small");
   typename G::Gemm gemm;
   cutlass::Status st = gemm.can_implement(args);
   if (st != cutlass::Status::kSuccess)

@@ -159,9 +159,11 @@ __global__ void act_backward_kernel(const T* __restrict__ grad_y, const T* __res
 
 // The epilogue after a CUTLASS GEMM (whose own epilogue stores acc rounded to the dtype): one
 // block per row; v = d + bias[e]; with an activation pre = v and y = act(pre), else y = v.
+// In place: d is `pre` (with an activation) or `y` (without), so d, pre and y are not __restrict__
+// (each element is read once and then written by the same thread).
 template <typename T>
-__global__ void bias_act_kernel(const T* __restrict__ d, const T* __restrict__ bias, const int64_t* __restrict__ offsets,
-                                int E, int64_t N, int act, T* __restrict__ pre, T* __restrict__ y) {
+__global__ void bias_act_kernel(const T* d, const T* __restrict__ bias, const int64_t* __restrict__ offsets, int E,
+                                int64_t N, int act, T* pre, T* y) {
   const int64_t r = blockIdx.x;
   int lo = 0, hi = E - 1;  // the expert owning row r: the last e with offsets[e] <= r
   while (lo < hi) {
