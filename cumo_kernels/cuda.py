@@ -46,7 +46,9 @@ def refusal(device_type: str) -> str | None:
         return f"the extension cumo_kernels._cuda is not built or cannot be loaded ({_IMPORT_ERROR}); {_BUILD_HINT}"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
-    if not any(_arch_refusal(i) is None for i in range(torch.cuda.device_count())):
+    # Once CUDA is initialised (never initialised here for this): refuse where no device can run
+    # this build. Before that, each call's operand check (_check) refuses such a device.
+    if torch.cuda.is_initialized() and not any(_arch_refusal(i) is None for i in range(torch.cuda.device_count())):
         return _arch_refusal(0)
     return None
 

@@ -138,6 +138,7 @@ def test_device_outside_the_built_archs_is_refused(monkeypatch):
             assert f"{cap[0]}.{cap[1]}" in why and "CUMO_CUDA_ARCHS" in why and "80,90a" in why
             monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
             monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+            monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
             assert cuda_backend.refusal("cuda") == why
 
 
