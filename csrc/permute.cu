@@ -80,7 +80,7 @@ template <typename T>
 __global__ void scale_rows_kernel(const T* __restrict__ grad_out, const int64_t* __restrict__ sort_idx,
                                   const T* __restrict__ weights, int k, int64_t N, T* __restrict__ out) {
   const int64_t r = blockIdx.x;
-  const int64_t slot = sort_idx[r];
+  const int64_t slot = min(max(sort_idx[r], int64_t(0)), static_cast<int64_t>(gridDim.x) - 1);  // in range
   const int64_t t = token_of_slot(slot, k);
   const float w = Elem<T>::load(weights, slot);
   for (int64_t h = threadIdx.x; h < N; h += blockDim.x)
@@ -102,7 +102,10 @@ __global__ void slot_dot_kernel(const T* __restrict__ y_sorted, const T* __restr
   if (lane == 0) Elem<T>::store(grad_w, s, acc);
 }
 
+// inv is zeroed first: a sort_idx that is not a permutation of the slots (not from permute)
+// leaves some entries unwritten, and they must still index a row that exists.
 void launch_inverse(const int64_t* sort_idx, int64_t slots, int64_t* inv, cudaStream_t s) {
+  check_cuda(cudaMemsetAsync(inv, 0, slots * sizeof(int64_t), s), "cudaMemsetAsync");
   inverse_kernel<<<grid_for(slots, kRowBlock), kRowBlock, 0, s>>>(sort_idx, slots, inv);
   check_launch("inverse_kernel");
 }
