@@ -32,10 +32,16 @@ _T = dict(BM=64, BN=64, BK=32)
 
 # (kernel name, constexprs)
 VARIANTS = [
-    ("_grouped_fwd_kernel", dict(HAS_BIAS=True, ACT=2, GATHER=True, SCATTER=False, PREC="ieee", **_T)),
-    ("_grouped_fwd_kernel", dict(HAS_BIAS=True, ACT=0, GATHER=False, SCATTER=True, PREC="ieee", **_T)),
-    ("_grouped_fwd_tma_kernel", dict(HAS_BIAS=True, ACT=1, GATHER=True, SCATTER=False, PREC="ieee", **_T)),
-    ("_grouped_fwd_tma_kernel", dict(HAS_BIAS=True, ACT=0, GATHER=False, SCATTER=True, PREC="ieee", **_T)),
+    ("_grouped_fwd_kernel", dict(HAS_BIAS=True, ACT=2, GATHER=True, SCATTER=False, STORE_PRE=True, PREC="ieee", **_T)),
+    ("_grouped_fwd_kernel", dict(HAS_BIAS=True, ACT=0, GATHER=False, SCATTER=True, STORE_PRE=False, PREC="ieee", **_T)),
+    (
+        "_grouped_fwd_tma_kernel",
+        dict(HAS_BIAS=True, ACT=1, GATHER=True, SCATTER=False, STORE_PRE=True, PREC="ieee", **_T),
+    ),
+    (
+        "_grouped_fwd_tma_kernel",
+        dict(HAS_BIAS=True, ACT=0, GATHER=False, SCATTER=True, STORE_PRE=False, PREC="ieee", **_T),
+    ),
     ("_grouped_dx_kernel", dict(ACT=1, GATHER_G=False, SCATTER=True, GW=False, PREC="ieee", **_T)),
     ("_grouped_dx_kernel", dict(ACT=0, GATHER_G=True, SCATTER=False, GW=True, PREC="ieee", **_T)),
     ("_grouped_dw_kernel", dict(HAS_BIAS=True, ACT=3, GATHER_X=True, GATHER_G=False, PREC="ieee", **_T)),

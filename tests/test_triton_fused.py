@@ -46,7 +46,7 @@ def fused_op_samples(backend: str) -> dict[str, list[tuple]]:
     w1 = torch.randn(e, n, d, generator=g).requires_grad_()
     b1 = torch.randn(e, n, generator=g).requires_grad_()
     h, pre = torch.ops.cumo.grouped_linear_gather(
-        x.detach(), w1.detach(), b1.detach(), sort_idx, offsets, k, "gelu", backend
+        x.detach(), w1.detach(), b1.detach(), sort_idx, offsets, k, "gelu", True, backend
     )
     hs = h.detach().clone().requires_grad_()
     w2 = torch.randn(e, o, n, generator=g).requires_grad_()
@@ -72,8 +72,9 @@ def fused_op_samples(backend: str) -> dict[str, list[tuple]]:
         ],
         "sort_experts": [(ids, e, backend)],
         "grouped_linear_gather": [
-            (x, w1, b1, sort_idx, offsets, k, "gelu", backend),
-            (x, w1, None, sort_idx, offsets, k, "none", backend),
+            (x, w1, b1, sort_idx, offsets, k, "gelu", True, backend),
+            (x, w1, None, sort_idx, offsets, k, "none", True, backend),
+            (x.detach(), w1.detach(), b1.detach(), sort_idx, offsets, k, "quick_gelu", False, backend),
         ],
         "grouped_linear_gather_backward": [
             (
@@ -176,8 +177,13 @@ def test_grouped_linear_gather(device, backend, dtype, case, activation):
     b = torch.randn(e, n, generator=g).to(device=device, dtype=dtype).requires_grad_()
     poison(device)
     y, _ = torch.ops.cumo.grouped_linear_gather(
-        x, w, b, sort_idx.to(device), offsets.to(device), k, activation, backend
+        x, w, b, sort_idx.to(device), offsets.to(device), k, activation, True, backend
     )
+    with torch.no_grad():  # inference keeps no pre-activation, and computes the same y
+        y_inf, pre_inf = torch.ops.cumo.grouped_linear_gather(
+            x, w, b, sort_idx.to(device), offsets.to(device), k, activation, False, backend
+        )
+    assert pre_inf.numel() == 0 and torch.equal(y_inf, y.detach())
     leaves = [x, w, b]
     l64 = [oracle.up(v, True) for v in leaves]
     ref = oracle.grouped_linear_oracle(l64[0][sort_idx // k], l64[1], l64[2], offsets, activation)

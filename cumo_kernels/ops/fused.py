@@ -6,8 +6,9 @@ backend and by a backend module that lacks the function).
 - cumo::route_x: x [T,in], gate [E,in] -> route's five outputs + logits [T,E] (x.dtype, saved for
   the backward): the router GEMM fused with the routing, x read once.
 - cumo::sort_experts: expert_ids [T,k] -> sort_idx [T*k], offsets [E+1] (no permuted copy of x).
-- cumo::grouped_linear_gather: x [T,K] in token order, weight [E,N,K], bias, sort_idx, offsets ->
-  y [T*k,N] grouped, pre: the first GEMM reading x's rows through sort_idx // k.
+- cumo::grouped_linear_gather: x [T,K] in token order, weight [E,N,K], bias, sort_idx, offsets,
+  top_k, activation, save_pre -> y [T*k,N] grouped, pre (or [0] when save_pre is False): the
+  first GEMM reading x's rows through sort_idx // k.
 - cumo::grouped_linear_combine: h [T*k,K] grouped, weight [E,N,K], bias, sort_idx, offsets,
   weights [T,k] -> out [T,N] (the weighted combine), y_slot [T*k,N] (the GEMM's rows in slot
   order t*k+j, saved for the routing weights' gradient).
@@ -131,15 +132,17 @@ def _grouped_linear_gather(
     offsets: Tensor,
     top_k: int,
     activation: str,
+    save_pre: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return tuple(_impl(backend, "grouped_linear_gather")(x, weight, bias, sort_idx, offsets, top_k, activation))
+    fn = _impl(backend, "grouped_linear_gather")
+    return tuple(fn(x, weight, bias, sort_idx, offsets, top_k, activation, save_pre))
 
 
 @_grouped_linear_gather.register_fake
-def _(x, weight, bias, sort_idx, offsets, top_k, activation, backend):
+def _(x, weight, bias, sort_idx, offsets, top_k, activation, save_pre, backend):
     m, n = sort_idx.shape[0], weight.shape[1]
-    return x.new_empty(m, n), (x.new_empty(0) if activation == "none" else x.new_empty(m, n))
+    return x.new_empty(m, n), (x.new_empty(0) if activation == "none" or not save_pre else x.new_empty(m, n))
 
 
 @torch.library.custom_op("cumo::grouped_linear_gather_backward", mutates_args=())
@@ -167,21 +170,27 @@ def _(grad_y, x, weight, sort_idx, offsets, pre, top_k, activation, has_bias, ba
 
 
 def _gather_setup(ctx, inputs, output):
-    x, weight, bias, sort_idx, offsets, top_k, activation, backend = inputs
+    x, weight, bias, sort_idx, offsets, top_k, activation, save_pre, backend = inputs
     _, pre = output
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, sort_idx, offsets, pre)
     ctx.top_k, ctx.activation, ctx.backend, ctx.has_bias = top_k, activation, backend, bias is not None
+    ctx.save_pre = save_pre
     ctx.mark_non_differentiable(pre)
 
 
 def _gather_bwd(ctx, g_y, g_pre):
     x, weight, sort_idx, offsets, pre = ctx.saved_tensors
+    if ctx.activation != "none" and not ctx.save_pre:
+        raise RuntimeError(
+            "cumo::grouped_linear_gather ran with save_pre=False, so it kept no pre-activation for a "
+            "backward; call it with save_pre=True when gradients are needed"
+        )
     g = g_y.contiguous() if g_y is not None else x.new_zeros(sort_idx.shape[0], weight.shape[1])
     gx, gw, gb = _grouped_linear_gather_backward(
         g, x, weight, sort_idx, offsets, pre, ctx.top_k, ctx.activation, ctx.has_bias, ctx.backend
     )
-    return gx, gw, (gb if ctx.has_bias else None), None, None, None, None, None
+    return gx, gw, (gb if ctx.has_bias else None), None, None, None, None, None, None
 
 
 _grouped_linear_gather.register_autograd(_gather_bwd, setup_context=_gather_setup)
@@ -280,6 +289,8 @@ def fused_moe(
     sort_idx, offsets = _sort_experts(expert_ids, e, backend)
     b1c = None if b1 is None else b1.contiguous()
     b2c = None if b2 is None else b2.contiguous()
-    h, _ = _grouped_linear_gather(x2, w1.contiguous(), b1c, sort_idx, offsets, top_k, activation, backend)
+    # The pre-activation is kept only when a backward through fc1 can follow (not in inference).
+    save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, w1, b1))
+    h, _ = _grouped_linear_gather(x2, w1.contiguous(), b1c, sort_idx, offsets, top_k, activation, save_pre, backend)
     y, _ = _grouped_linear_combine(h, w2.contiguous(), b2c, sort_idx, offsets, weights, backend)
     return y, prob_sums, first_counts, z_sums

@@ -53,10 +53,13 @@ def grouped_linear_gather(
     offsets: torch.Tensor,
     top_k: int,
     activation: str = "none",
+    save_pre: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`grouped_linear(x[sort_idx // top_k], ...)`: x [T, K] in token order -> (y [T*k, N], pre)."""
+    """`grouped_linear(x[sort_idx // top_k], ...)`: x [T, K] in token order -> (y [T*k, N], pre);
+    pre is empty ([0]) when activation is "none" or save_pre is False (no backward to serve)."""
     xs = x.index_select(0, torch.div(sort_idx, top_k, rounding_mode="floor"))
-    return grouped_linear(xs, weight, bias, offsets, activation)
+    y, pre = grouped_linear(xs, weight, bias, offsets, activation)
+    return y, (pre if save_pre else x.new_empty(0))
 
 
 def grouped_linear_gather_backward(

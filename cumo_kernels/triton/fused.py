@@ -24,10 +24,19 @@ def grouped_linear_gather(
     offsets: torch.Tensor,
     top_k: int,
     activation: str = "none",
+    save_pre: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch: the grouped GEMM reading x's rows through sort_idx // k (gather-on-load)."""
     return grouped_gemm.forward(
-        x, weight, bias, offsets, activation, sort_idx=sort_idx.contiguous(), top_k=top_k, gather=True
+        x,
+        weight,
+        bias,
+        offsets,
+        activation,
+        sort_idx=sort_idx.contiguous(),
+        top_k=top_k,
+        gather=True,
+        save_pre=save_pre,
     )
 
 

@@ -117,9 +117,10 @@ def _fwd_epilogue(
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
     SCATTER: tl.constexpr,
+    STORE_PRE: tl.constexpr,
 ):
-    """+ bias, store the pre-activation (rounded to the output dtype) and act(pre); rows go to
-    sort_idx[r] when SCATTER."""
+    """+ bias, store the pre-activation (rounded to the output dtype; only when a backward will
+    need it) and act(pre); rows go to sort_idx[r] when SCATTER."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + e_safe * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     orow = rows
@@ -128,7 +129,8 @@ def _fwd_epilogue(
     out_mask = rmask[:, None] & cmask[None, :]
     pre = acc.to(y_ptr.dtype.element_ty)
     if ACT != 0:
-        tl.store(pre_ptr + rows[:, None] * N + cols[None, :], pre, mask=out_mask)
+        if STORE_PRE:
+            tl.store(pre_ptr + rows[:, None] * N + cols[None, :], pre, mask=out_mask)
         y = act_fwd(pre.to(tl.float32), ACT).to(y_ptr.dtype.element_ty)
     else:
         y = pre
@@ -153,6 +155,7 @@ def _grouped_fwd_kernel(
     ACT: tl.constexpr,
     GATHER: tl.constexpr,
     SCATTER: tl.constexpr,
+    STORE_PRE: tl.constexpr,
     PREC: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -182,7 +185,9 @@ def _grouped_fwd_kernel(
         a = tl.load(a_ptr + arow[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(w_base + cols[None, :] * K + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
-    _fwd_epilogue(acc, b_ptr, y_ptr, pre_ptr, rows, slot, rmask, cols, cmask, e_safe, N, HAS_BIAS, ACT, SCATTER)
+    _fwd_epilogue(
+        acc, b_ptr, y_ptr, pre_ptr, rows, slot, rmask, cols, cmask, e_safe, N, HAS_BIAS, ACT, SCATTER, STORE_PRE
+    )
 
 
 @triton.jit
@@ -204,6 +209,7 @@ def _grouped_fwd_tma_kernel(
     ACT: tl.constexpr,
     GATHER: tl.constexpr,
     SCATTER: tl.constexpr,
+    STORE_PRE: tl.constexpr,
     PREC: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -241,7 +247,9 @@ def _grouped_fwd_tma_kernel(
             a = a_desc.load([a_row, k0])
         b = w_desc.load([w_row, k0])
         acc = tl.dot(a, b.T, acc, input_precision=PREC)
-    _fwd_epilogue(acc, b_ptr, y_ptr, pre_ptr, rows, slot, rmask, cols, cmask, e_safe, N, HAS_BIAS, ACT, SCATTER)
+    _fwd_epilogue(
+        acc, b_ptr, y_ptr, pre_ptr, rows, slot, rmask, cols, cmask, e_safe, N, HAS_BIAS, ACT, SCATTER, STORE_PRE
+    )
 
 
 @triton.jit
@@ -408,11 +416,13 @@ def forward(
     top_k: int = 1,
     gather: bool = False,
     scatter: bool = False,
+    save_pre: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [M, N], pre [M, N] or [0]) with M = number of grouped rows; one launch.
 
     gather: a is [T, K] in token order and row r reads a[sort_idx[r] // top_k].
     scatter: y's row r is stored at sort_idx[r] (slot order); pre stays in grouped order.
+    save_pre: store the pre-activation (an empty pre otherwise: inference needs none).
     """
     check_dtype("x", a)
     a, weight, offsets = a.contiguous(), weight.contiguous(), offsets.contiguous()
@@ -420,7 +430,8 @@ def forward(
     m = sort_idx.numel() if gather else a.shape[0]
     act = ACT_CODES[activation]
     y = torch.empty(m, n, dtype=a.dtype, device=a.device)
-    pre = torch.empty(m, n, dtype=a.dtype, device=a.device) if act else a.new_empty(0)
+    store_pre = bool(act) and save_pre
+    pre = torch.empty(m, n, dtype=a.dtype, device=a.device) if store_pre else a.new_empty(0)
     if m == 0:
         return y, pre
     idx = sort_idx if sort_idx is not None else offsets
@@ -429,7 +440,7 @@ def forward(
         weight,
         weight if bias is None else bias.contiguous(),
         y,
-        pre if act else y,
+        pre if store_pre else y,
         offsets,
         idx,
         n,
@@ -441,6 +452,7 @@ def forward(
         act,
         gather,
         scatter,
+        store_pre,
         dot_precision(a.dtype),
     )
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) + e, triton.cdiv(n, meta["BN"]))  # noqa: E731
