@@ -344,3 +344,20 @@ def test_auto_falls_back_on_unsupported_and_explicit_raises(monkeypatch):
 def test_unsupported_is_a_runtime_error_with_the_reason():
     assert issubclass(dispatch.Unsupported, RuntimeError)
     assert set(cuda_backend.DTYPE_CODES) == set(DTYPES)
+
+
+@pytest.mark.parametrize("counts", [[5, 0, 9, 3], [0, 0, 7, 0], [1, 3, 0, 11, 0, 2]], ids=str)
+def test_problem_list_strides_uniform_and_offsets_aligned(counts):
+    """The sm90 path hands CUTLASS one stride triple per kind for every group (dummies included),
+    not the list's per-problem leading dimensions: they must all be equal. And with K and N
+    multiples of 8 (what cuda.py's 16-byte check of the rows admits for 16-bit dtypes) every
+    per-expert sub-pointer offset keeps 16-byte alignment, whatever the row counts."""
+    ext = _ext()
+    k_in, n_out = 24, 40
+    offsets = [0] + torch.tensor(counts).cumsum(0).tolist()
+    expected = {0: (k_in, k_in, n_out), 1: (n_out, k_in, k_in), 2: (n_out, k_in, k_in)}
+    for kind, lds in expected.items():
+        for *_, ao, bo, do, lda, ldb, ldd, dummy in ext.host_problem_list(kind, offsets, k_in, n_out):
+            assert (lda, ldb, ldd) == lds, (kind, dummy)
+            for off in (ao, bo, do):
+                assert off * 2 % 16 == 0, (kind, off)
