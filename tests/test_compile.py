@@ -36,3 +36,18 @@ def test_compile_fullgraph_matches_eager(device, backend):
     assert set(cgrads) == set(egrads)
     for name in egrads:
         assert_close_rel(cgrads[name], egrads[name].double(), torch.float32, f"compiled grad {name}")
+
+
+def test_compile_fullgraph_inference_matches_eager(device, backend):
+    """Inference (torch.no_grad): on CPU tensors the torch backend's forward takes the blocked
+    cumo::expert_mlp op; it traces without a graph break too."""
+    torch.manual_seed(1)
+    torch._dynamo.reset()
+    layer = MoEMLP(13, 19, 11, num_experts=4, top_k=2, activation="quick_gelu", backend=backend).to(device)
+    x = torch.randn(3, 5, 13, device=device)
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True)(x)
+    for name, c, e in zip(("y", "balance", "z"), compiled, eager):
+        assert c.dtype == e.dtype and c.shape == e.shape
+        assert_close_rel(c, e.double(), torch.float32, f"compiled no_grad {name}")

@@ -154,6 +154,49 @@ def test_moe_mlp_cases(device, backend, dtype, case):
                 assert 0 in row and row.index(0) < row.index(2), f"tie rule broken: {row}"
 
 
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_moe_mlp_inference_matches_oracle(device, backend, dtype, case, monkeypatch):
+    """The forward without autograd (torch.no_grad): the CPU torch path then runs both expert
+    layers in one blocked op (cumo::expert_mlp). Blocks of a few rows, so that experts span several
+    blocks and a block boundary falls inside every expert."""
+    skip_unsupported(device, backend, dtype)
+    monkeypatch.setattr(cumo_kernels.reference.gemm, "_BLOCK_BYTES", 5 * HIDDEN * 4)
+    shape, e, k, bias, kind, act = CASES[case]
+    inputs = make_moe_inputs(shape, D_IN, HIDDEN, D_OUT, e, bias=bias, kind=kind, dtype=dtype, device=device, seed=5)
+    with torch.no_grad():
+        y, balance, z = cumo_kernels.moe_mlp(**inputs, top_k=k, activation=act, backend=backend)
+        x2 = inputs["x"].reshape(-1, D_IN)
+        samples = inputs["x"].shape[0] if inputs["x"].dim() == 3 else 1
+        ids = cumo_kernels.route(F.linear(x2, inputs["gate_weight"]), k, samples, backend=backend)[1]
+    assert not y.requires_grad
+    leaves64 = {n: oracle.up(t, False) for n, t in inputs.items()}
+    y64, bal64, z64, _ = oracle.moe_oracle(**leaves64, top_k=k, activation=act, expert_ids=ids, dtype=dtype)
+    base = None
+    if backend != "torch" and dtype != F32:
+        with torch.no_grad():
+            base = cumo_kernels.moe_mlp(**inputs, top_k=k, activation=act, backend="torch")
+    for i, (name, out, ref) in enumerate((("y", y, y64), ("balance", balance, bal64), ("z", z, z64))):
+        assert_close_rel(out, ref, dtype, f"{name} (no_grad)", baseline=None if base is None else base[i])
+
+
+def test_inference_path_uses_one_blocked_op(monkeypatch):
+    """On CPU tensors without autograd the torch backend runs cumo::expert_mlp (no [T*k, hidden]
+    tensor), with autograd the two grouped_linear ops; both give the same y."""
+    inputs = make_moe_inputs((3, 5), D_IN, HIDDEN, D_OUT, 4, seed=7)
+    calls = []
+    real = cumo_kernels.reference.expert_mlp
+    monkeypatch.setattr(cumo_kernels.reference, "expert_mlp", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        y0 = cumo_kernels.moe_mlp(**inputs, top_k=2, backend="torch")[0]
+    assert calls, "the no_grad CPU forward did not use cumo::expert_mlp"
+    calls.clear()
+    leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    y1 = cumo_kernels.moe_mlp(**leaves, top_k=2, backend="torch")[0]
+    assert not calls and y1.requires_grad
+    assert_close_rel(y0, y1.detach(), F32, "y no_grad vs grad")
+
+
 @pytest.mark.parametrize("shape", [(7,), (3, 5)], ids=str)
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 @pytest.mark.parametrize("kind", ["random", "one_expert", "zero_gate"])

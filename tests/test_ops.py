@@ -290,6 +290,8 @@ def _op_samples(backend: str) -> dict[str, list[tuple]]:
     xs_rg = xs.detach().clone().requires_grad_()
     y, pre = torch.ops.cumo.grouped_linear(xs.detach(), w1.detach(), b1.detach(), offsets, "gelu", backend)
     ys = torch.randn(t * k, n, generator=g).requires_grad_()
+    w2 = torch.randn(e, 5, n, generator=g)
+    b2 = torch.randn(e, 5, generator=g)
     wts = w.detach().clone().requires_grad_()
     samples = {
         "route": [(logits, k, 1, backend), (logits3, 3, 3, backend), (logits.detach().half(), 1, 1, backend)],
@@ -326,6 +328,11 @@ def _op_samples(backend: str) -> dict[str, list[tuple]]:
         "unpermute": [(ys, sort_idx, wts, backend)],
         "unpermute_backward": [(torch.randn(t, n, generator=g), ys.detach(), sort_idx, w.detach(), backend)],
         "aux_losses": [(ps.detach().requires_grad_(), fc, zs.detach().requires_grad_(), t)],
+        # Inference only (no autograd formula): inputs without requires_grad.
+        "expert_mlp": [
+            (xs.detach(), w1.detach(), b1.detach(), w2, b2, offsets, "quick_gelu", backend),
+            (xs.detach(), w1.detach(), None, w2, None, offsets, "none", backend),
+        ],
     }
     return samples | fused_op_samples(backend)  # the fused ops' samples live with their tests
 

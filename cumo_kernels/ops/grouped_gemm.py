@@ -1,5 +1,6 @@
 """Grouped GEMM op `cumo::grouped_linear`: one per-expert linear layer over rows grouped by
-expert, with optional bias and activation fused, and its backward op."""
+expert, with optional bias and activation fused, and its backward op; and `cumo::expert_mlp`,
+both expert layers in one op for inference (no autograd)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,27 @@ def _bwd(ctx, g_y, g_pre):
 
 
 _grouped_linear.register_autograd(_bwd, setup_context=_setup)
+
+
+@torch.library.custom_op("cumo::expert_mlp", mutates_args=())
+def _expert_mlp(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    offsets: Tensor,
+    activation: str,
+    backend: str,
+) -> Tensor:
+    """Inference only (no autograd formula: `moe_mlp` uses it only when no gradient is needed):
+    x [M, in] grouped rows -> [M, out], act(x W1_e^T + b1_e) W2_e^T + b2_e per expert's rows."""
+    return dispatch.implementation(backend).expert_mlp(x, w1, b1, w2, b2, offsets, activation)
+
+
+@_expert_mlp.register_fake
+def _(x, w1, b1, w2, b2, offsets, activation, backend):
+    return x.new_empty(x.shape[0], w2.shape[1])
 
 
 def grouped_linear(

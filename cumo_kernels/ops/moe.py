@@ -8,6 +8,8 @@ backward ops are custom ops too, named `<op>_backward`):
 - cumo::permute: x [T,H], expert_ids [T,k] -> x_sorted [T*k,H], sort_idx [T*k], offsets [E+1]
 - cumo::grouped_linear: x [M,K], weight [E,N,K], bias [E,N]?, offsets -> y [M,N], pre [M,N] (or [0])
 - cumo::unpermute: y_sorted [T*k,N], sort_idx, weights [T,k] -> out [T,N]
+- cumo::expert_mlp: x_sorted, w1, b1?, w2, b2?, offsets -> y_sorted [T*k,out]; both expert layers,
+  inference only (no autograd): the CPU torch path uses it when no gradient is needed
 - cumo::aux_losses: prob_sums, first_counts, z_sums -> balance [], z [] (backward in plain torch)
 
 The router logits are `F.linear(x, gate_weight)` in the activation dtype, an ordinary autograd op.
@@ -27,7 +29,7 @@ from torch import Tensor
 from .. import dispatch
 from ._common import check_activation, check_device, check_float, check_shape, check_top_k
 from .fused import backend_is_fused, fused_moe
-from .grouped_gemm import _grouped_linear
+from .grouped_gemm import _expert_mlp, _grouped_linear
 from .permute import _permute, _unpermute
 from .routing import _aux_losses, _route
 
@@ -39,6 +41,10 @@ def _autocast(tensors: list[Tensor | None], device_type: str) -> list[Tensor | N
         dtype = torch.get_autocast_dtype(device_type)
         return [None if t is None else t.to(dtype) for t in tensors]
     return tensors
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def moe_mlp(
@@ -119,6 +125,16 @@ def moe_mlp(
     logits = F.linear(x2, gate_weight)
     weights, expert_ids, prob_sums, first_counts, z_sums = _route(logits, top_k, samples, name)
     x_sorted, sort_idx, offsets = _permute(x2.contiguous(), expert_ids, e, name)
+    if name == "torch" and x.device.type == "cpu" and not _needs_grad(x, gate_weight, w1, b1, w2, b2):
+        # Inference on the CPU: both expert layers in one op, block by block, so the [T*k, hidden]
+        # activations never go to memory (that, not the GEMMs, was what separated this path from
+        # CuMo's loop in the forward).
+        b1c = None if b1 is None else b1.contiguous()
+        b2c = None if b2 is None else b2.contiguous()
+        y_sorted = _expert_mlp(x_sorted, w1.contiguous(), b1c, w2.contiguous(), b2c, offsets, activation, name)
+        y = _unpermute(y_sorted, sort_idx, weights, name)
+        balance, z = _aux_losses(prob_sums, first_counts, z_sums, t // samples)
+        return y.view(*lead, d_out), balance, z.to(x.dtype)
     h = _grouped_linear(x_sorted, w1.contiguous(), None if b1 is None else b1.contiguous(), offsets, activation, name)[
         0
     ]

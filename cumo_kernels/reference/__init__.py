@@ -16,12 +16,13 @@ from .fused import (
     route_x_backward,
     sort_experts,
 )
-from .gemm import grouped_linear, grouped_linear_backward
+from .gemm import expert_mlp, grouped_linear, grouped_linear_backward
 from .permute import permute, permute_backward, unpermute, unpermute_backward
 from .routing import aux_losses, route, route_backward
 
 __all__ = [
     "aux_losses",
+    "expert_mlp",
     "grouped_linear",
     "grouped_linear_backward",
     "grouped_linear_combine",
