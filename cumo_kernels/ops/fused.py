@@ -19,11 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import dispatch, reference
-
-
-def _impl(backend: str, name: str):
-    return getattr(dispatch.implementation(backend), name, None) or getattr(reference, name)
+from .. import dispatch
+from ._common import impl_or_twin as _impl
 
 
 @torch.compiler.assume_constant_result

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ._common import check_activation, check_device, check_float, check_index, check_shape
+from ._common import check_activation, check_device, check_float, check_index, check_shape, impl_or_twin
 
 
 @torch.library.custom_op("cumo::grouped_linear", mutates_args=())
@@ -79,7 +79,7 @@ def _expert_mlp(
 ) -> Tensor:
     """Inference only (no autograd formula: `moe_mlp` uses it only when no gradient is needed):
     x [M, in] grouped rows -> [M, out], act(x W1_e^T + b1_e) W2_e^T + b2_e per expert's rows."""
-    return dispatch.implementation(backend).expert_mlp(x, w1, b1, w2, b2, offsets, activation)
+    return impl_or_twin(backend, "expert_mlp")(x, w1, b1, w2, b2, offsets, activation)
 
 
 @_expert_mlp.register_fake
