@@ -267,6 +267,26 @@ def test_triton_source_has_no_host_sync():
     assert not bad, "host syncs in the triton backend:\n" + "\n".join(bad)
 
 
+def test_triton_launchers_set_the_tensors_device():
+    """Triton launches on the current CUDA device, not the tensors': every function that launches
+    a kernel sets the device from its tensors (a layer on cuda:1 while cuda:0 is current, as with
+    device_map="auto", would otherwise run its kernels on the wrong GPU)."""
+    import importlib
+    import inspect
+
+    launch = re.compile(r"_kernel\[|\blaunch\(|_fwd_tma\b|\b_(fwd|dx|dw)\b,")
+    missing = []
+    for name in ("grouped_gemm", "routing", "permutation"):
+        mod = importlib.import_module(f"cumo_kernels.triton.{name}")
+        for fname, fn in vars(mod).items():
+            if not inspect.isfunction(fn) or fn.__module__ != mod.__name__:
+                continue
+            src = inspect.getsource(inspect.unwrap(fn))
+            if launch.search(src) and not getattr(fn, "sets_tensor_device", False):
+                missing.append(f"{name}.{fname}")
+    assert not missing, "launchers that do not set the tensors' CUDA device: " + ", ".join(missing)
+
+
 FORWARD_LAUNCHES = [
     "_route_x_kernel",
     "_route_reduce_kernel",

@@ -4,6 +4,7 @@ selection (one fixed config under the interpreter, a small autotuned set on GPUs
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -48,6 +49,23 @@ def autotuned(kernel, configs: list, key: list[str]):
     if INTERPRET:
         return kernel
     return triton.autotune(configs=configs, key=key)(kernel)
+
+
+def on_tensor_device(fn):
+    """Run launcher `fn` with the current CUDA device set to its first tensor argument's device:
+    Triton launches on the *current* device and stream, not the tensors' (a layer on cuda:1 while
+    cuda:0 is current, as with device_map="auto", would otherwise launch on the wrong GPU)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if t is not None and t.is_cuda:
+            with torch.cuda.device(t.device):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    wrapper.sets_tensor_device = True
+    return wrapper
 
 
 def launch(kernel, grid, args: tuple, fixed: dict) -> None:

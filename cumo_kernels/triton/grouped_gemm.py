@@ -29,7 +29,17 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import ACT_CODES, INTERPRET, act_fwd, act_grad, autotuned, check_dtype, dot_precision, launch
+from ._common import (
+    ACT_CODES,
+    INTERPRET,
+    act_fwd,
+    act_grad,
+    autotuned,
+    check_dtype,
+    dot_precision,
+    launch,
+    on_tensor_device,
+)
 
 _FIXED = {"BM": 16, "BN": 16, "BK": 16}
 
@@ -405,6 +415,7 @@ def _bucket(m: int) -> int:
 # ------------------------------------------------------------------------------------ launchers
 
 
+@on_tensor_device
 def forward(
     a: torch.Tensor,
     weight: torch.Tensor,
@@ -465,6 +476,7 @@ def forward(
     return y, pre
 
 
+@on_tensor_device
 def backward(
     grad: torch.Tensor,
     x: torch.Tensor,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_dtype, pow2
+from ._common import INTERPRET, check_dtype, on_tensor_device, pow2
 
 BLOCK_S = 64 if INTERPRET else 512
 BLOCK_R = 16 if INTERPRET else 32
@@ -136,6 +136,7 @@ def _unpermute_bwd_kernel(
 # ------------------------------------------------------------------------------------ launchers
 
 
+@on_tensor_device
 def sort_experts(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sort_idx [T*k] int64, offsets [E+1] int64), stable, on the device: two launches."""
     flat = expert_ids.contiguous().view(-1)
@@ -153,6 +154,7 @@ def sort_experts(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tens
     return sort_idx, offsets
 
 
+@on_tensor_device
 def gather_rows(src: torch.Tensor, idx: torch.Tensor, top_k: int) -> torch.Tensor:
     m, h = idx.numel(), src.shape[1]
     out = torch.empty(m, h, dtype=src.dtype, device=src.device)
@@ -161,6 +163,7 @@ def gather_rows(src: torch.Tensor, idx: torch.Tensor, top_k: int) -> torch.Tenso
     return out
 
 
+@on_tensor_device
 def invert(idx: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(idx)
     if idx.numel():
@@ -168,6 +171,7 @@ def invert(idx: torch.Tensor) -> torch.Tensor:
     return inv
 
 
+@on_tensor_device
 def slot_sum(
     src: torch.Tensor, t: int, top_k: int, *, inv: torch.Tensor | None = None, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -214,6 +218,7 @@ def unpermute(y_sorted: torch.Tensor, sort_idx: torch.Tensor, weights: torch.Ten
     return slot_sum(y_sorted.contiguous(), t, k, inv=invert(sort_idx), weights=weights.contiguous())
 
 
+@on_tensor_device
 def unpermute_backward(
     grad_out: torch.Tensor, y_sorted: torch.Tensor, sort_idx: torch.Tensor, weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

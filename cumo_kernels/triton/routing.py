@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_dtype, dot_precision, pow2
+from ._common import INTERPRET, check_dtype, dot_precision, on_tensor_device, pow2
 
 BLOCK_T = 16 if INTERPRET else 64
 BLOCK_IN = 32 if INTERPRET else 64
@@ -302,6 +302,7 @@ def _stats(logits_like: torch.Tensor, b: int, e: int, nchunk: int):
     return parts, outs
 
 
+@on_tensor_device
 def route(
     logits: torch.Tensor, top_k: int, num_samples: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -325,6 +326,7 @@ def route(
     return weights, ids, *outs
 
 
+@on_tensor_device
 def route_backward(
     grad_weights: torch.Tensor,
     grad_prob_sums: torch.Tensor,
@@ -358,6 +360,7 @@ def route_backward(
     return dl
 
 
+@on_tensor_device
 def route_x(
     x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_samples: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -400,6 +403,7 @@ def route_x(
     return weights, ids, *outs, logits
 
 
+@on_tensor_device
 def route_x_backward(
     grad_weights: torch.Tensor,
     grad_prob_sums: torch.Tensor,
