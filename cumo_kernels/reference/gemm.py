@@ -63,6 +63,14 @@ def _segment_sum(values: torch.Tensor, offsets: torch.Tensor, num_experts: int) 
     return torch.stack([torch.where(_row_mask(offsets, m, e), values, 0).sum(dim=0) for e in range(num_experts)])
 
 
+def _linear_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out = x @ weight^T (+ bias), written into `out` (one expert's rows: no temporary)."""
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
 def _linear_pre(x, weight, bias, offsets, strategy):
     m = x.shape[0]
     num_experts, n, _ = weight.shape
@@ -73,10 +81,7 @@ def _linear_pre(x, weight, bias, offsets, strategy):
             s, t = bounds[e], bounds[e + 1]
             if s == t:
                 continue
-            if bias is None:
-                torch.mm(x[s:t], weight[e].t(), out=pre[s:t])
-            else:
-                torch.addmm(bias[e], x[s:t], weight[e].t(), out=pre[s:t])
+            _linear_into(x[s:t], weight[e], None if bias is None else bias[e], pre[s:t])
         return pre
     if strategy == "grouped_mm":
         pre = F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets[1:].to(torch.int32))
@@ -154,10 +159,7 @@ def _per_expert_act(x, weight, bias, offsets, activation):
     pre = x.new_empty(m, n)
     y = x.new_empty(m, n)
     for e, r0, r1 in _row_blocks(offsets, num_experts, _row_block(n, x.dtype)):
-        if bias is None:
-            torch.mm(x[r0:r1], weight[e].t(), out=pre[r0:r1])
-        else:
-            torch.addmm(bias[e], x[r0:r1], weight[e].t(), out=pre[r0:r1])
+        _linear_into(x[r0:r1], weight[e], None if bias is None else bias[e], pre[r0:r1])
         y[r0:r1] = _activations.apply(pre[r0:r1], activation)
     return y, pre
 
@@ -248,8 +250,5 @@ def expert_mlp(
     for e, r0, r1 in _row_blocks(offsets, w1.shape[0], _row_block(w1.shape[1], x.dtype)):
         h = F.linear(x[r0:r1], w1[e], None if b1 is None else b1[e])
         h = _activations.apply(h, activation)
-        if b2 is None:
-            torch.mm(h, w2[e].t(), out=y[r0:r1])
-        else:
-            torch.addmm(b2[e], h, w2[e].t(), out=y[r0:r1])
+        _linear_into(h, w2[e], None if b2 is None else b2[e], y[r0:r1])
     return y
