@@ -17,6 +17,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("ACTIVATION_CODES") = py::dict(py::arg("none") = 0, py::arg("quick_gelu") = 1, py::arg("gelu") = 2,
                                         py::arg("gelu_tanh") = 3, py::arg("silu") = 4, py::arg("relu") = 5);
   m.attr("MAX_EXPERTS") = 64;
+  m.attr("BIAS_LANES") = host_bias_lanes();
 
   m.def("device_count", &device_count, "Number of CUDA devices; raises 'no CUDA device is available' if none.");
   m.def("device_capability", &device_capability, py::arg("device"), "major*10+minor of a device.");
@@ -77,4 +78,6 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("host_aligned16", &host_aligned16, py::arg("address"), py::arg("row_elems"), py::arg("elem_bytes"));
   m.def("host_round_to", &host_round_to, py::arg("v"), py::arg("dtype"));
   m.def("host_activation", &host_activation, py::arg("v"), py::arg("act"), py::arg("derivative"));
+  m.def("host_act_bias_grad", &host_act_bias_grad, py::arg("grad_y"), py::arg("pre"), py::arg("offsets"),
+        py::arg("N"), py::arg("act"), py::arg("dtype"));
 }

@@ -88,6 +88,40 @@ struct Elem<__nv_bfloat16> {
   }
 };
 
+// ---------------------------------------------- activation backward + bias gradient, per lane
+// One block per (32 columns, expert), kBiasLanes row lanes: lane l of column n walks the expert's
+// rows lo+l, lo+l+kBiasLanes, ... (a warp reads 32 consecutive columns of one row), then the
+// lanes' partial sums are added in lane order. The order is fixed, so the result is the same on
+// every run (no atomics), and host_act_bias_grad runs these very functions on the CPU.
+constexpr int kBiasLanes = 32;
+
+// Lane `lane` of column n over rows [lo, hi) of a [rows, N] tensor: with an activation,
+// g = grad_y * act'(pre) rounded to the dtype and stored into grad_pre; without one g = grad_y
+// (grad_pre and pre unused). Returns the lane's float32 sum of g.
+template <typename T>
+__host__ __device__ inline float act_bias_lane(const T* grad_y, const T* pre, T* grad_pre, int64_t N, int64_t n,
+                                               int64_t lo, int64_t hi, int lane, int act, int dtype) {
+  float acc = 0.f;
+#pragma unroll 4
+  for (int64_t r = lo + lane; r < hi; r += kBiasLanes) {
+    const int64_t i = r * N + n;
+    float g = Elem<T>::load(grad_y, i);
+    if (act != kNone) {
+      g = round_to(g * act_derivative(Elem<T>::load(pre, i), act), dtype);
+      Elem<T>::store(grad_pre, i, g);
+    }
+    acc += g;
+  }
+  return acc;
+}
+
+// parts[0], parts[stride], ..., parts[(kBiasLanes-1)*stride] added in lane order.
+CUMO_HD float sum_lanes(const float* parts, int stride) {
+  float acc = 0.f;
+  for (int l = 0; l < kBiasLanes; ++l) acc += parts[l * stride];
+  return acc;
+}
+
 // Calls f(T{}) with T the storage type of dtype code `dtype`.
 template <typename F>
 inline void dispatch_dtype(int dtype, F&& f) {

@@ -71,5 +71,13 @@ std::vector<std::vector<int64_t>> host_problem_list(int kind, const std::vector<
 bool host_aligned16(u64 address, i64 row_elems, int elem_bytes);
 float host_round_to(float v, int dtype);
 std::vector<float> host_activation(const std::vector<float>& v, int act, bool derivative);
+// (grad_pre, grad_b) of the backward's activation + bias-gradient pass (act_bias_grad_kernel), lane
+// by lane as the device runs it; grad_y and pre are [offsets.back(), N] row-major, values already
+// in the dtype. grad_pre is empty without an activation; grad_b is [E, N], rounded to the dtype.
+int host_bias_lanes();  // kBiasLanes of cumo_cuda.h
+std::pair<std::vector<float>, std::vector<float>> host_act_bias_grad(const std::vector<float>& grad_y,
+                                                                     const std::vector<float>& pre,
+                                                                     const std::vector<int64_t>& offsets, i64 N,
+                                                                     int act, int dtype);
 
 }  // namespace cumo

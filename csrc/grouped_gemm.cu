@@ -137,24 +137,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// grad_b[e][n] = sum over expert e's rows of G[r, n] (one thread per column, rows in order).
+// The backward's pass over g = grad_y * act'(pre): writes grad_pre (with an activation) and
+// grad_b[e][n] = sum of g over expert e's rows (where grad_b is given), in one read of grad_y and
+// pre. Block (32 columns, kBiasLanes row lanes), grid (column tiles, E); see act_bias_lane.
+// Every row belongs to one expert (offsets[0] = 0, offsets[E] = M), so grad_pre is covered whole.
 template <typename T>
-__global__ void grouped_bias_grad_kernel(const T* __restrict__ G, int64_t N, const int64_t* __restrict__ offsets,
-                                         T* __restrict__ grad_b) {
+__global__ void __launch_bounds__(32 * kBiasLanes)
+    act_bias_grad_kernel(const T* __restrict__ grad_y, const T* __restrict__ pre, int64_t N,
+                         const int64_t* __restrict__ offsets, int act, int dtype, T* __restrict__ grad_pre,
+                         T* __restrict__ grad_b) {
+  __shared__ float parts[kBiasLanes][33];
   const int e = blockIdx.y;
-  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (n >= N) return;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   float acc = 0.f;
-  for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) acc += Elem<T>::load(G, r * N + n);
-  Elem<T>::store(grad_b, e * N + n, acc);
-}
-
-// g = grad_y * act'(pre), rounded to the dtype.
-template <typename T>
-__global__ void act_backward_kernel(const T* __restrict__ grad_y, const T* __restrict__ pre, int64_t n, int act,
-                                    T* __restrict__ g) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i < n) Elem<T>::store(g, i, Elem<T>::load(grad_y, i) * act_derivative(Elem<T>::load(pre, i), act));
+  if (n < N) acc = act_bias_lane(grad_y, pre, grad_pre, N, n, offsets[e], offsets[e + 1], threadIdx.y, act, dtype);
+  if (grad_b == nullptr) return;  // uniform over the block: no thread is left at the barrier
+  parts[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && n < N) Elem<T>::store(grad_b, e * N + n, sum_lanes(&parts[0][threadIdx.x], 33));
 }
 
 // The epilogue after a CUTLASS GEMM (whose own epilogue stores acc rounded to the dtype): one
@@ -275,15 +275,13 @@ void grouped_linear_backward(u64 grad_y, u64 x, u64 weight, u64 offsets, u64 pre
   dispatch_dtype(dtype, [&](auto tag) {
     using Tp = decltype(tag);
     const Tp* g = ptr<const Tp>(grad_y);
-    if (act != kNone && M * N > 0) {
-      act_backward_kernel<Tp><<<grid_for(M * N, 256), 256, 0, s>>>(g, ptr<const Tp>(pre), M * N, act,
-                                                                   ptr<Tp>(grad_pre));
-      check_launch("act_backward_kernel");
-      g = ptr<const Tp>(grad_pre);
-    }
-    if (grad_b && N > 0) {
-      grouped_bias_grad_kernel<Tp><<<dim3(grid_for(N, 256), E), 256, 0, s>>>(g, N, off, ptr<Tp>(grad_b));
-      check_launch("grouped_bias_grad_kernel");
+    if ((act != kNone || grad_b) && N > 0) {
+      // One pass: grad_pre (with an activation) and grad_b (with a bias). Before this, the two were
+      // separate kernels and grad_b ran one thread per column over an expert's rows.
+      act_bias_grad_kernel<Tp><<<dim3(grid_for(N, 32), E), dim3(32, kBiasLanes), 0, s>>>(
+          g, ptr<const Tp>(pre), N, off, act, dtype, ptr<Tp>(grad_pre), ptr<Tp>(grad_b));
+      check_launch("act_bias_grad_kernel");
+      if (act != kNone) g = ptr<const Tp>(grad_pre);
     }
     if (use_cutlass) {
       if (M == 0 || N == 0 || K == 0) throw std::invalid_argument("cumo_kernels._cuda: the CUTLASS path needs M, N, K > 0");

@@ -140,4 +140,34 @@ std::vector<float> host_activation(const std::vector<float>& v, int act, bool de
   return out;
 }
 
+int host_bias_lanes() { return kBiasLanes; }
+
+std::pair<std::vector<float>, std::vector<float>> host_act_bias_grad(const std::vector<float>& grad_y,
+                                                                     const std::vector<float>& pre,
+                                                                     const std::vector<int64_t>& offsets, i64 N,
+                                                                     int act, int dtype) {
+  check_dtype(dtype);
+  if (act < kNone || act > kRelu) throw std::invalid_argument("host_act_bias_grad: activation code not in 0..5");
+  if (offsets.size() < 2 || offsets.front() != 0 || N < 1)
+    throw std::invalid_argument("host_act_bias_grad: bad offsets or N");
+  const int E = static_cast<int>(offsets.size()) - 1;
+  for (int e = 0; e < E; ++e)
+    if (offsets[e + 1] < offsets[e]) throw std::invalid_argument("host_act_bias_grad: offsets decrease");
+  const size_t n_elems = size_t(offsets.back()) * N;
+  if (grad_y.size() != n_elems || (act != kNone && pre.size() != n_elems))
+    throw std::invalid_argument("host_act_bias_grad: grad_y / pre are not [offsets[-1], N]");
+  std::vector<float> grad_pre(act != kNone ? n_elems : 0);
+  std::vector<float> grad_b(size_t(E) * N);
+  float parts[kBiasLanes];
+  for (int e = 0; e < E; ++e)
+    for (i64 n = 0; n < N; ++n) {
+      for (int lane = 0; lane < kBiasLanes; ++lane)
+        parts[lane] = act_bias_lane<float>(grad_y.data(), act != kNone ? pre.data() : nullptr,
+                                           act != kNone ? grad_pre.data() : nullptr, N, n, offsets[e],
+                                           offsets[e + 1], lane, act, dtype);
+      grad_b[size_t(e) * N + n] = round_to(sum_lanes(parts, 1), dtype);
+    }
+  return {grad_pre, grad_b};
+}
+
 }  // namespace cumo

@@ -315,6 +315,82 @@ def test_activations_match_reference(act):
     torch.testing.assert_close(got_d, _activations.derivative(v, act), rtol=2e-6, atol=2e-6)
 
 
+# ------------------------------------------------ the backward's activation + bias-gradient pass
+
+
+def _lane_order_sum(g: torch.Tensor, offsets: list[int], lanes: int) -> torch.Tensor:
+    """[E, N] float32 sums of g's rows per expert in the device's order: lane l adds rows lo+l,
+    lo+l+lanes, ... one by one in float32, then the lanes are added in lane order."""
+    out = torch.zeros(len(offsets) - 1, g.shape[1], dtype=torch.float32)
+    for e in range(len(offsets) - 1):
+        total = torch.zeros(g.shape[1], dtype=torch.float32)
+        for lane in range(lanes):
+            acc = torch.zeros(g.shape[1], dtype=torch.float32)
+            for r in range(offsets[e] + lane, offsets[e + 1], lanes):
+                acc = acc + g[r]
+            total = total + acc
+        out[e] = total
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ["none", "gelu", "quick_gelu"])
+@pytest.mark.parametrize(
+    "counts",
+    [[70, 0, 33, 5], [0, 0, 108, 0], [1, 0, 0, 0], [31, 32, 33, 64]],
+    ids=["ragged-empty", "all-to-one", "one-row", "lane-edges"],
+)
+def test_host_act_bias_grad_matches_reference(dtype, act, counts):
+    """act_bias_grad_kernel's per-lane code on the host: grad_pre = round(grad_y * act'(pre)) and
+    grad_b = per-expert column sums of it, against float64, and the lane order exactly; N = 37 is
+    not a multiple of the kernel's 32-column tile."""
+    ext = _ext()
+    gen = torch.Generator().manual_seed(7)
+    n, rows = 37, sum(counts)
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    gy = torch.randn(rows, n, generator=gen).to(dtype)
+    pre = (3 * torch.randn(rows, n, generator=gen)).to(dtype)
+    code = cuda_backend.ACTIVATION_CODES[act]
+    got_pre, got_b = ext.host_act_bias_grad(
+        gy.float().flatten().tolist(), pre.float().flatten().tolist(), offsets, n, code, CODES[dtype]
+    )
+    got_b = torch.tensor(got_b).view(len(counts), n)
+    if act == "none":
+        assert got_pre == []
+        g = gy.float()
+    else:
+        got_pre = torch.tensor(got_pre).view(rows, n)
+        want_pre = (gy.double() * _activations.derivative(pre.double(), act)).to(dtype).float()
+        # one rounding of the dtype apart at most (float32 vs float64 product before rounding)
+        torch.testing.assert_close(got_pre, want_pre, **_dtype_ulp(dtype))
+        g = got_pre
+    # the order of the additions, exactly (then rounded to the dtype as the kernel stores it)
+    assert torch.equal(got_b, _lane_order_sum(g, offsets, ext.BIAS_LANES).to(dtype).float())
+    # against float64: float32 accumulation error (at most rows * 2^-24 * sum|g| per column) plus
+    # the final rounding to the dtype (half an ulp, relative)
+    for e in range(len(counts)):
+        ge = g[offsets[e] : offsets[e + 1]].double()
+        want, bound = ge.sum(0), counts[e] * 2**-24 * ge.abs().sum(0)
+        err = (got_b[e].double() - want).abs()
+        assert (err <= bound + _dtype_ulp(dtype)["rtol"] * want.abs()).all(), (e, err.max())
+    assert (got_b[torch.tensor(counts) == 0] == 0).all()
+
+
+def _dtype_ulp(dtype: torch.dtype) -> dict:
+    """One unit in the last place of the dtype (relative), plus a float32 accumulation's worth."""
+    return {"rtol": {torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype], "atol": 1e-5}
+
+
+def test_host_act_bias_grad_refuses_bad_arguments():
+    ext = _ext()
+    with pytest.raises(ValueError, match="offsets"):
+        ext.host_act_bias_grad([0.0] * 4, [0.0] * 4, [1, 3], 2, 0, 0)
+    with pytest.raises(ValueError, match=r"\[offsets\[-1\], N\]"):
+        ext.host_act_bias_grad([0.0] * 3, [0.0] * 4, [0, 2], 2, 1, 0)
+
+
 # ------------------------------------------------------------------------- auto falls back, cuda raises
 
 
