@@ -190,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         "schema": "cumo-kernels-bench/1",
         "device": _device_name(device),
         "device_type": device.type,
+        "capability": ("{}.{}".format(*torch.cuda.get_device_capability(device)) if device.type == "cuda" else None),
         "torch": vers["torch"],
         "triton": vers["triton"],
         "cuda": vers["cuda"],

@@ -171,6 +171,10 @@ if want bench; then
 		>"$LOGS/bench.log" 2>"$LOGS/bench.err"
 	log "bench: exit $?"
 	cat "$LOGS/bench.log"
+	# auto's measured order from this run (commit it as cumo_kernels/auto_table.json once the
+	# tests passed; the tool refuses a run with test failures)
+	[[ -f $OUT/results.json ]] && "$PY" -m benchmarks.auto_table "$OUT/results.json" --out "$OUT/auto_table.json" \
+		2>&1 | tee -a "$LOGS/suite.log"
 	pack
 fi
 

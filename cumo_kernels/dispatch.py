@@ -16,6 +16,8 @@ from types import ModuleType
 
 import torch
 
+from . import tuning
+
 BACKENDS: tuple[str, ...] = ("auto", "cuda", "triton", "torch")
 ENV_VAR = "CUMO_KERNELS_BACKEND"
 
@@ -79,10 +81,11 @@ _REGISTRY: dict[str, Backend] = {
     "triton": _module_backend("triton", "cumo_kernels.triton"),
     "torch": Backend("torch", _torch_refusal, _load_torch),
 }
-# The order "auto" tries them in on CUDA tensors. It is to become "fastest measured first, per op
-# and shape" once a GPU run has measured them; until then no GPU has executed either kernel
-# backend, and Triton comes first because CI executes its kernels (in Triton's interpreter,
-# against the float64 oracle), while the CUDA extension's kernels are only compiled in CI.
+# The order "auto" tries them in on CUDA tensors where no measurement applies (cumo_kernels.tuning:
+# a layer call whose shape and pass a GPU benchmark run measured follows that run's order). No
+# GPU has executed either kernel backend yet, and Triton comes first because CI executes its
+# kernels (in Triton's interpreter, against the float64 oracle), while the CUDA extension's
+# kernels are only compiled in CI.
 _AUTO_ORDER: tuple[str, ...] = ("triton", "cuda", "torch")
 # Backends whose op functions may raise Unsupported for particular operands (float64, too many
 # experts, ...). When "auto" picks one of them, `select` returns "auto" and
@@ -106,10 +109,29 @@ def resolve_name(backend: str | None) -> str:
     return name
 
 
-def select(backend: str | None, device: torch.device) -> str:
+def _auto_order(device: torch.device, workload: tuning.Workload | None) -> tuple[str, ...]:
+    """auto's order on CUDA `device`: the measured order for `workload` where the measurement
+    table (cumo_kernels.tuning) has one, then the backends it leaves out; else _AUTO_ORDER."""
+    measured = tuning.measured_order(device, workload) if workload is not None else None
+    if not measured:
+        return _AUTO_ORDER
+    return tuple(measured) + tuple(b for b in _AUTO_ORDER if b not in measured)
+
+
+def _parse_auto(name: str) -> tuple[str, ...]:
+    """The order of an "auto:<b1>,<b2>,..." name (as `select` returns it)."""
+    order = tuple(name[len("auto:") :].split(","))
+    if not order or any(b not in _REGISTRY for b in order) or len(set(order)) != len(order):
+        raise ValueError(f"backend: {name!r} is not 'auto:' followed by distinct backends of {tuple(_REGISTRY)}")
+    return order
+
+
+def select(backend: str | None, device: torch.device, workload: tuning.Workload | None = None) -> str:
     """The backend ("cuda", "triton" or "torch") that runs on `device`, or "auto" when auto's
     choice is a backend that may refuse particular operands (then `implementation("auto")` falls
-    back per call).
+    back per call). Where `workload` (a layer call's shape and pass) has a measured order on this
+    GPU (cumo_kernels.tuning), "auto" follows it, and the name returned may be "auto:<b1>,<b2>,..."
+    (falling back per call in that order).
 
     Raises RuntimeError when an explicitly requested backend cannot run there, with the reason;
     "auto" falls back, and lists every backend's reason if none can run.
@@ -124,11 +146,14 @@ def select(backend: str | None, device: torch.device) -> str:
     if dev == "cpu":
         # On CPU tensors "auto" is the torch backend: the Triton interpreter is for tests only.
         return "torch"
+    order = _auto_order(torch.device(device), workload) if dev == "cuda" else _AUTO_ORDER
     reasons = []
-    for cand in _AUTO_ORDER:
+    for cand in order:
         why = _refusal(cand, dev)
         if why is None:
-            return "auto" if cand in _OPERAND_FALLBACK else cand
+            if cand not in _OPERAND_FALLBACK:
+                return cand
+            return "auto" if order == _AUTO_ORDER else "auto:" + ",".join(order)
         reasons.append(f"{cand}: {why}")
     raise RuntimeError(f"no backend can run on {dev} tensors: " + "; ".join(reasons))
 
@@ -140,8 +165,11 @@ class _AutoImplementation:
     does not raise Unsupported. Other attributes (flags such as FUSED_MOE) are those of auto's
     first choice, so "auto" behaves as that backend unless an operand is refused."""
 
+    def __init__(self, order: tuple[str, ...]) -> None:
+        self._order = order
+
     def _runnable(self, device_type: str) -> list[ModuleType]:
-        return [_REGISTRY[c].load() for c in _AUTO_ORDER if _REGISTRY[c].refusal(device_type) is None]
+        return [_REGISTRY[c].load() for c in self._order if _REGISTRY[c].refusal(device_type) is None]
 
     def __getattr__(self, op: str):
         if op.startswith("__"):
@@ -171,14 +199,18 @@ class _AutoImplementation:
         return run
 
 
-_AUTO_IMPLEMENTATION = _AutoImplementation()
+_AUTO_IMPLEMENTATIONS: dict[tuple[str, ...], _AutoImplementation] = {}
 
 
 def implementation(name: str) -> ModuleType | _AutoImplementation:
-    """The module that implements backend `name` (functions named after the ops); for "auto"
-    (see `select`), an object whose functions fall back from backend to backend per call."""
-    if name == "auto":
-        return _AUTO_IMPLEMENTATION
+    """The module that implements backend `name` (functions named after the ops); for "auto" or
+    "auto:<b1>,<b2>,..." (see `select`), an object whose functions fall back from backend to
+    backend per call, in auto's static order or the given one."""
+    if name == "auto" or name.startswith("auto:"):
+        order = _AUTO_ORDER if name == "auto" else _parse_auto(name)
+        if order not in _AUTO_IMPLEMENTATIONS:
+            _AUTO_IMPLEMENTATIONS[order] = _AutoImplementation(order)
+        return _AUTO_IMPLEMENTATIONS[order]
     return _REGISTRY[name].load()
 
 

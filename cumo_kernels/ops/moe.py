@@ -22,11 +22,13 @@ cumo::grouped_linear_gather (fc1 reading x through the sort order) -> cumo::grou
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import dispatch
+from .. import dispatch, tuning
 from ._common import check_activation, check_device, check_float, check_shape, check_top_k
 from .fused import backend_is_fused, fused_moe
 from .grouped_gemm import _expert_mlp, _grouped_linear
@@ -45,6 +47,24 @@ def _autocast(tensors: list[Tensor | None], device_type: str) -> list[Tensor | N
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _workload(x: Tensor, hidden: int, d_out: int, e: int, top_k: int, tensors: tuple) -> tuning.Workload | None:
+    """The layer call's shape and pass, for auto's measured order on a GPU (cumo_kernels.tuning);
+    None on CPU tensors and under torch.compile (whose traced shapes may be symbolic: the static
+    order then stands)."""
+    if x.device.type != "cuda" or torch.compiler.is_compiling():
+        return None
+    return tuning.Workload(
+        tokens=math.prod(x.shape[:-1]),
+        d_in=x.shape[-1],
+        hidden=hidden,
+        d_out=d_out,
+        experts=e,
+        top_k=top_k,
+        dtype=str(x.dtype).removeprefix("torch."),
+        pass_="fwd+bwd" if _needs_grad(*tensors) else "fwd",
+    )
 
 
 def moe_mlp(
@@ -102,7 +122,7 @@ def moe_mlp(
             check_device(name, t, x.device)
     check_top_k(top_k, e)
     check_activation(activation)
-    name = dispatch.select(backend, x.device)
+    name = dispatch.select(backend, x.device, _workload(x, hidden, d_out, e, top_k, (x, gate_weight, w1, b1, w2, b2)))
 
     lead = x.shape[:-1]
     samples = x.shape[0] if x.dim() == 3 else 1

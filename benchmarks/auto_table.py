@@ -1,0 +1,123 @@
+"""Make auto's measurement table (cumo_kernels/tuning.py) from GPU benchmark result files.
+
+    python -m benchmarks.auto_table RESULTS.json [RESULTS.json ...] [--out FILE]
+
+For every (shape, pass) of each CUDA result file, the cumo backends that were timed
+(cumo-cuda, cumo-triton, cumo-torch) become one entry, fastest first. The output (default:
+cumo_kernels/auto_table.json, which the package ships) is what `auto` reads on a GPU; point
+$CUMO_KERNELS_AUTO_TABLE at another file to use your own measurements.
+
+A result file whose test run had failures is refused unless --allow-failed-tests: auto should
+not prefer a backend on the strength of a run in which something was wrong. CPU result files are
+skipped (auto on CPU tensors is always the torch backend). Where several files measured the same
+(device, dtype, pass, shape), the newest (by its `date`) wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+from cumo_kernels import tuning
+
+from .schema import validate
+
+PROVIDERS = {"cumo-cuda": "cuda", "cumo-triton": "triton", "cumo-torch": "torch"}
+DEFAULT_OUT = Path(tuning.__file__).with_name("auto_table.json")
+
+
+def entries_of(doc: dict, source: str) -> list[dict]:
+    """The table entries of one (valid, CUDA) result document."""
+    timed: dict[tuple[str, str], dict[str, float]] = {}
+    for row in doc["results"]:
+        backend = PROVIDERS.get(row.get("provider"))
+        ms = row.get("ms")
+        if backend is None or not isinstance(ms, (int, float)) or ms <= 0:
+            continue
+        timed.setdefault((row["shape"], row["pass"]), {})[backend] = float(ms)
+    out = []
+    for (shape, pass_), ms in sorted(timed.items()):
+        dims = doc["shapes"].get(shape)
+        if dims is None:
+            raise ValueError(f"{source}: results name shape {shape!r}, which `shapes` does not describe")
+        out.append(
+            {
+                "device": doc["device"],
+                "capability": doc.get("capability"),
+                "dtype": doc["dtype"],
+                "pass": pass_,
+                "shape": shape,
+                "tokens": int(dims["tokens"]),
+                "in": int(dims["in"]),
+                "hidden": int(dims["hidden"]),
+                "out": int(dims["out"]),
+                "experts": int(dims["experts"]),
+                "top_k": int(dims["top_k"]),
+                "order": sorted(ms, key=ms.__getitem__),
+                "ms": {b: round(v, 4) for b, v in sorted(ms.items(), key=lambda kv: kv[1])},
+                "source": source,
+                "commit": doc["commit"],
+                "date": doc["date"],
+            }
+        )
+    return out
+
+
+def build(paths: list[Path], allow_failed_tests: bool = False) -> tuple[dict, list[str]]:
+    """(table document, notes on what was skipped). Raises ValueError on a file it must refuse."""
+    notes: list[str] = []
+    merged: dict[tuple, dict] = {}
+    for path in paths:
+        doc = json.loads(path.read_text())
+        problems = validate(doc)
+        if problems:
+            raise ValueError(f"{path}: not a valid result file: " + "; ".join(problems[:3]))
+        if doc.get("device_type") != "cuda":
+            notes.append(f"{path}: skipped, a {doc.get('device_type')} run (auto on CPU tensors is the torch backend)")
+            continue
+        tests = doc.get("tests")
+        if tests and tests.get("failed", 0) > 0 and not allow_failed_tests:
+            raise ValueError(
+                f"{path}: its test run had {tests['failed']} failures; fix them first, or pass "
+                "--allow-failed-tests to take its timings anyway"
+            )
+        for e in entries_of(doc, str(path)):
+            key = (e["device"], e["dtype"], e["pass"], e["tokens"], e["in"], e["hidden"], e["out"], e["experts"])
+            key += (e["top_k"],)
+            old = merged.get(key)
+            if old is None or dt.datetime.fromisoformat(e["date"]) >= dt.datetime.fromisoformat(old["date"]):
+                merged[key] = e
+    doc = {"schema": tuning.SCHEMA, "entries": [merged[k] for k in sorted(merged, key=str)]}
+    tuning.check_table(doc)
+    return doc, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.auto_table", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", type=Path, help="result files of python -m benchmarks (GPU runs)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"table to write (default {DEFAULT_OUT})")
+    p.add_argument("--allow-failed-tests", action="store_true", help="take timings from runs with test failures")
+    args = p.parse_args(argv)
+    try:
+        doc, notes = build(args.results, args.allow_failed_tests)
+    except (OSError, ValueError) as exc:
+        print(f"auto_table: {exc}", file=sys.stderr)
+        return 2
+    for n in notes:
+        print(n)
+    if not doc["entries"]:
+        print("auto_table: no CUDA timings of the cumo backends in these files; nothing written", file=sys.stderr)
+        return 1
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"{len(doc['entries'])} entries -> {args.out}")
+    for e in doc["entries"]:
+        times = ", ".join(f"{b} {ms:.3f} ms" for b, ms in e["ms"].items())
+        print(f"  {e['device']} {e['dtype']} {e['shape']:<18} {e['pass']:<8} {' > '.join(e['order'])}  ({times})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

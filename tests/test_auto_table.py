@@ -1,0 +1,210 @@
+"""auto's measured order: the table made from GPU result files (benchmarks/auto_table.py), its
+lookup per layer shape and pass (cumo_kernels/tuning.py), and dispatch.select following it.
+
+No GPU here: the result documents are synthetic (named so), and the CUDA backends are fakes in the
+registry, as in test_cuda_ext's fallback test. What this checks is the plumbing; which backend is
+fastest is for a GPU run to say."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+
+from benchmarks import auto_table
+from cumo_kernels import dispatch, tuning
+from cumo_kernels.ops.moe import _workload
+
+CLIP = {"in": 1024, "hidden": 4096, "out": 1024, "experts": 4, "top_k": 2}
+CONN = {"in": 2048, "hidden": 4096, "out": 4096, "experts": 4, "top_k": 2}
+
+
+def _result_doc(times: dict, *, device_type="cuda", failed=0, date="2026-11-23T00:00:00+00:00") -> dict:
+    """A synthetic GPU result file: times[(shape, pass)] = {provider: ms}."""
+    shapes = {
+        "clip-train": dict(CLIP, tokens=23080),
+        "connector-infer": dict(CONN, tokens=576),
+    }
+    rows = [
+        {"shape": s, "pass": p, "provider": prov, "ms": ms, "tflops": 1.0, "peak_mem_gib": None}
+        for (s, p), by in times.items()
+        for prov, ms in by.items()
+    ]
+    return {
+        "device": "SYNTHETIC H100" if device_type == "cuda" else "CPU",
+        "device_type": device_type,
+        "capability": "9.0" if device_type == "cuda" else None,
+        "dtype": "bfloat16",
+        "torch": "2.13",
+        "triton": "3.6.0",
+        "cuda": "13.0",
+        "commit": "abc",
+        "date": date,
+        "ceilings": {"matmul_tflops": 700.0, "copy_gbps": 3000.0},
+        "tests": {"passed": 10, "failed": failed, "skipped": 0},
+        "sanitizer": None,
+        "shapes": shapes,
+        "results": rows,
+    }
+
+
+TIMES = {
+    ("clip-train", "fwd+bwd"): {"cumo-triton": 5.0, "cumo-cuda": 4.0, "cumo-torch": 9.0, "grouped_mm": 3.0},
+    ("connector-infer", "fwd"): {"cumo-triton": 0.2, "cumo-cuda": 0.3, "dense": 0.1},
+}
+
+
+def _write(tmp_path, name, doc):
+    p = tmp_path / name
+    p.write_text(json.dumps(doc))
+    return p
+
+
+def test_table_from_result_files(tmp_path, capsys):
+    src = _write(tmp_path, "r.json", _result_doc(TIMES))
+    out = tmp_path / "table.json"
+    assert auto_table.main([str(src), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    entries = tuning.check_table(doc)
+    by = {(e["shape"], e["pass"]): e for e in entries}
+    # only the cumo backends, fastest first; baselines (grouped_mm, dense) are not candidates
+    assert by["clip-train", "fwd+bwd"]["order"] == ["cuda", "triton", "torch"]
+    assert by["connector-infer", "fwd"]["order"] == ["triton", "cuda"]
+    assert by["clip-train", "fwd+bwd"]["tokens"] == 23080 and by["clip-train", "fwd+bwd"]["capability"] == "9.0"
+    assert "cuda > triton > torch" in capsys.readouterr().out
+
+
+def test_table_refuses_failed_tests_and_skips_cpu_runs(tmp_path, capsys):
+    bad = _write(tmp_path, "bad.json", _result_doc(TIMES, failed=2))
+    assert auto_table.main([str(bad), "--out", str(tmp_path / "t.json")]) == 2
+    assert "2 failures" in capsys.readouterr().err
+    assert auto_table.main([str(bad), "--out", str(tmp_path / "t.json"), "--allow-failed-tests"]) == 0
+    cpu = _write(tmp_path, "cpu.json", _result_doc(TIMES, device_type="cpu"))
+    assert auto_table.main([str(cpu), "--out", str(tmp_path / "t2.json")]) == 1
+    assert not (tmp_path / "t2.json").exists()
+    invalid = _write(tmp_path, "invalid.json", {"device": "x"})
+    assert auto_table.main([str(invalid)]) == 2
+
+
+def test_newest_file_wins(tmp_path):
+    old = _result_doc(TIMES, date="2026-11-01T00:00:00+00:00")
+    new_times = {("clip-train", "fwd+bwd"): {"cumo-triton": 3.0, "cumo-cuda": 4.0}}
+    new = _result_doc(new_times, date="2026-11-20T00:00:00+00:00")
+    doc, _ = auto_table.build([_write(tmp_path, "new.json", new), _write(tmp_path, "old.json", old)])
+    by = {(e["shape"], e["pass"]): e for e in doc["entries"]}
+    assert by["clip-train", "fwd+bwd"]["order"] == ["triton", "cuda"]
+    assert by["connector-infer", "fwd"]["order"] == ["triton", "cuda"]  # only the old file measured it
+
+
+def _entry(order, tokens, pass_="fwd+bwd", dims=CLIP, device="SYNTHETIC H100", capability="9.0", dtype="bfloat16"):
+    return dict(dims, device=device, capability=capability, dtype=dtype, tokens=tokens, order=order, **{"pass": pass_})
+
+
+def _w(tokens, pass_="fwd+bwd", dims=CLIP, dtype="bfloat16"):
+    return tuning.Workload(
+        tokens, dims["in"], dims["hidden"], dims["out"], dims["experts"], dims["top_k"], dtype, pass_
+    )
+
+
+def test_lookup_rules():
+    entries = [
+        _entry(["cuda", "triton"], 23080),
+        _entry(["triton", "cuda"], 2308),
+        _entry(["torch"], 23080, pass_="fwd"),
+        _entry(["triton"], 576, dims=CONN),
+    ]
+    look = tuning.lookup
+    # nearest FLOPs among the same GPU, dtype, pass and layer widths
+    assert look(entries, "SYNTHETIC H100", "9.0", _w(20000))["order"] == ["cuda", "triton"]
+    assert look(entries, "SYNTHETIC H100", "9.0", _w(3000))["order"] == ["triton", "cuda"]
+    assert look(entries, "SYNTHETIC H100", "9.0", _w(23080, "fwd"))["order"] == ["torch"]
+    # another GPU of the same compute capability takes the entries; another capability does not
+    assert look(entries, "OTHER", "9.0", _w(20000))["order"] == ["cuda", "triton"]
+    assert look(entries, "OTHER", "8.0", _w(20000)) is None
+    # dtype must match; beyond a factor of 8 in FLOPs nothing applies
+    assert look(entries, "SYNTHETIC H100", "9.0", _w(20000, dtype="float16")) is None
+    assert look(entries, "SYNTHETIC H100", "9.0", _w(100)) is None
+    assert look(entries, "SYNTHETIC H100", "9.0", _w(10**6)) is None
+    # other layer widths: the nearest entry in FLOPs (a connector-sized call near clip-train's)
+    other = {"in": 1280, "hidden": 5120, "out": 1280, "experts": 8, "top_k": 2}
+    assert look(entries, "SYNTHETIC H100", "9.0", _w(15000, dims=other))["order"] == ["cuda", "triton"]
+    # the same widths win over a nearer FLOP count of other widths (within the factor of 8)
+    conn_fwdbwd = [_entry(["torch"], 576, dims=CONN), _entry(["cuda"], 5000)]
+    assert look(conn_fwdbwd, "SYNTHETIC H100", "9.0", _w(1000))["order"] == ["cuda"]
+
+
+def test_check_table_names_the_bad_field():
+    good = {"schema": tuning.SCHEMA, "entries": [_entry(["cuda"], 10)]}
+    assert len(tuning.check_table(good)) == 1
+    for field, bad, msg in (
+        ("order", ["cuda", "cuda"], "order"),
+        ("order", ["fast"], "order"),
+        ("tokens", 0, "tokens"),
+        ("pass", "bwd", "pass"),
+        ("dtype", "", "dtype"),
+    ):
+        doc = {"schema": tuning.SCHEMA, "entries": [dict(_entry(["cuda"], 10), **{field: bad})]}
+        with pytest.raises(ValueError, match=rf"entries\[0\]\.{msg}"):
+            tuning.check_table(doc)
+    with pytest.raises(ValueError, match="schema"):
+        tuning.check_table({"entries": []})
+
+
+def test_table_file_from_environment(tmp_path, monkeypatch):
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps({"schema": tuning.SCHEMA, "entries": [_entry(["triton"], 100)]}))
+    monkeypatch.setenv(tuning.ENV_VAR, str(p))
+    assert [e["order"] for e in tuning.table()] == [["triton"]]
+    monkeypatch.setenv(tuning.ENV_VAR, str(tmp_path / "missing.json"))
+    with pytest.raises(FileNotFoundError, match=tuning.ENV_VAR):
+        tuning.table()
+    monkeypatch.delenv(tuning.ENV_VAR)
+    # the packaged table: absent until a GPU run made one (then it must be valid)
+    tuning.table()
+
+
+def _fake_backends(monkeypatch, calls):
+    def make(name):
+        def route(logits, top_k, num_samples):
+            calls.append(name)
+            return name
+
+        return types.SimpleNamespace(refusal=lambda d: None, route=route)
+
+    for name in ("cuda", "triton"):
+        fake = make(name)
+        monkeypatch.setitem(dispatch._REGISTRY, name, dispatch.Backend(name, lambda d: None, lambda f=fake: f))
+
+
+def test_select_follows_the_measured_order(monkeypatch):
+    calls = []
+    _fake_backends(monkeypatch, calls)
+    cuda = torch.device("cuda", 0)
+    w = _w(23080)
+    measured = {}
+    monkeypatch.setattr(tuning, "measured_order", lambda device, workload: measured.get(workload))
+    # nothing measured: the static order (triton first, falling back per call)
+    assert dispatch.select(None, cuda, w) == "auto"
+    assert dispatch.implementation("auto").route(None, 2, 1) == "triton"
+    # measured cuda first: auto follows it, then the backends the measurement left out
+    measured[w] = ("cuda",)
+    name = dispatch.select(None, cuda, w)
+    assert name == "auto:cuda,triton,torch"
+    assert dispatch.implementation(name).route(None, 2, 1) == "cuda"
+    # measured torch first: the torch backend directly (it refuses no operands)
+    measured[w] = ("torch", "triton", "cuda")
+    assert dispatch.select(None, cuda, w) == "torch"
+    # an explicit backend ignores the table; CPU tensors are always torch under auto
+    assert dispatch.select("triton", cuda, w) == "triton"
+    assert dispatch.select(None, torch.device("cpu"), w) == "torch"
+    with pytest.raises(ValueError, match="auto:"):
+        dispatch.implementation("auto:cuda,nonsense")
+
+
+def test_workload_is_only_built_for_cuda_tensors():
+    x = torch.randn(3, 8)
+    assert _workload(x, 16, 8, 4, 2, (x,)) is None
+    w = _w(100)
+    assert w.flops == 3 * 2.0 * 100 * 2 * (1024 * 4096 + 4096 * 1024)
