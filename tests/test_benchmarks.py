@@ -160,3 +160,42 @@ def test_gpu_suite_dry_run(tmp_path):
     assert schema.validate(doc) == []
     assert doc["commit"] == "test"
     assert "no GPU" in (tmp_path / "summary.txt").read_text()
+
+
+def test_saved_bytes_counts_saved_storages_once_and_maps_dims():
+    from dataclasses import replace
+
+    from benchmarks import saved_bytes
+    from benchmarks.shapes import NAMED
+
+    x = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(8, 8, requires_grad=True)
+
+    def fn():
+        h = x @ w  # saves x and w: both excluded
+        s = torch.sigmoid(h)  # saves s
+        return h * s  # saves h and s (s once)
+
+    saved, out = saved_bytes.count_saved(fn, [x, w])
+    assert out.shape == (6, 8)
+    assert sorted(nb for _, _, nb in saved) == [6 * 8 * 4, 6 * 8 * 4]
+    full = NAMED["clip-train"]
+    small = replace(full, tokens=72, samples=1, d_in=128, hidden=512, d_out=128)
+    # [T*k, hidden] fp16 and [T, E] fp32 at the full shape; one expert's 30 rows scale with T
+    got = saved_bytes.full_size_bytes([((144, 512), 2, 144 * 512 * 2), ((72, 4), 4, 72 * 4 * 4)], small, full, 8)
+    assert got == full.tokens * 2 * 4096 * 2 + full.tokens * 4 * 4
+    got = saved_bytes.full_size_bytes([((30, 128), 2, 30 * 128 * 2)], small, full, 8)
+    assert got == pytest.approx(30 * full.tokens / 72 * 1024 * 2)
+
+
+def test_saved_bytes_cli(capsys):
+    from benchmarks import saved_bytes
+
+    before = os.environ.get("TRITON_INTERPRET")
+    assert saved_bytes.main(["--shapes", "connector-train", "--providers", "cumo-torch,grouped_mm"]) == 0
+    out = capsys.readouterr().out
+    assert "connector-train  grouped_mm" in out and "1.00x grouped_mm" in out
+    assert saved_bytes.main(["--shapes", "clip-train", "--tokens", "128", "--providers", "grouped_mm"]) == 2
+    assert saved_bytes.main(["--shapes", "nonesuch", "--providers", "grouped_mm"]) == 2
+    # TRITON_INTERPRET is set only when cumo-triton is asked for (it would change later tests)
+    assert os.environ.get("TRITON_INTERPRET") == before
