@@ -366,6 +366,35 @@ def test_moe_mlp_multiblock(device, backend, dtype):
     test_moe_mlp.check_moe(inputs, 2, "gelu", dtype, device, backend, seed=5)
 
 
+def _autotune_configs() -> list:
+    try:
+        from cumo_kernels.triton import grouped_gemm
+    except ImportError:  # no triton: the backend-parametrised tests are not generated either
+        return []
+    return grouped_gemm._configs()
+
+
+@pytest.mark.parametrize("cfg", _autotune_configs(), ids=lambda c: "BM{BM}-BN{BN}-BK{BK}".format(**c.kwargs))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_every_autotune_config(device, backend, dtype, cfg):
+    """Each config of the GEMM kernels' autotune set, forced, gives the layer (forward and every
+    gradient) against the float64 oracle: the autotuner may pick any of them on a GPU, and tests
+    otherwise run one (the interpreter's small tiles, or CUMO_TRITON_AUTOTUNE=0's). Ragged dims
+    below and above the tiles (E=6, 160 rows, dims 36 / 40 / 35), TMA forward included where on."""
+    if backend != "triton":
+        pytest.skip("the triton backend's autotune set")
+    skip_unsupported(device, backend, dtype)
+    import test_moe_mlp
+
+    from cumo_kernels.triton import _common
+
+    inputs = make_moe_inputs((2, 40), 36, 40, 35, 6, dtype=dtype, device=device, seed=6)
+    with _common.forced_config(cfg):
+        assert _common.explicit_meta({}) == _common.config_meta(cfg)
+        test_moe_mlp.check_moe(inputs, 2, "quick_gelu", dtype, device, backend, seed=6)
+    assert _common._forced is None
+
+
 @pytest.mark.skipif(not INTERPRET, reason="checks the TMA variant in the Triton interpreter (TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_triton_tma_forward_matches_default(monkeypatch, dtype):

@@ -1,15 +1,18 @@
 """Shared pieces of the Triton backend: interpreter detection, dtype checks, dot precision,
 the activations (forward and derivative, in float32) as `@triton.jit` helpers, and launch-config
-selection (one fixed config under the interpreter, a small autotuned set on GPUs)."""
+selection (one fixed config under the interpreter or with CUMO_TRITON_AUTOTUNE=0, a small
+autotuned set on GPUs, any config of that set forced by tests)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 
 from ..dispatch import Unsupported
 
@@ -43,12 +46,53 @@ def pow2(n: int, floor: int = 1) -> int:
     return max(floor, triton.next_power_of_2(max(int(n), 1)))
 
 
+AUTOTUNE: bool = not INTERPRET and os.environ.get("CUMO_TRITON_AUTOTUNE", "1") != "0"
+"""Autotune the GEMM kernels on GPUs (default). CUMO_TRITON_AUTOTUNE=0 launches them with one
+fixed config (GPU_FIXED) instead: each autotuned (N, K, size bucket) compiles and times every
+config, which a test suite of many small shapes pays in compile time and nothing else (the GPU
+suite's test step sets it; its benchmarks autotune)."""
+
+GPU_FIXED: dict = {"BM": 64, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 3}
+"""The config of CUMO_TRITON_AUTOTUNE=0 (the first of the autotune set; fits sm80 in float32)."""
+
+_forced: dict | None = None
+
+
 def autotuned(kernel, configs: list, key: list[str]):
-    """`kernel` autotuned over `configs` on GPUs; under the interpreter the kernel itself (autotune
-    with more than one config fails there), launched with `fixed` meta-parameters."""
-    if INTERPRET:
+    """`kernel` autotuned over `configs` on GPUs; under the interpreter or with
+    CUMO_TRITON_AUTOTUNE=0, the kernel itself (autotune with more than one config fails in the
+    interpreter), launched with explicit meta-parameters (see `explicit_meta`)."""
+    if not AUTOTUNE:
         return kernel
     return triton.autotune(configs=configs, key=key)(kernel)
+
+
+def config_meta(cfg: triton.Config) -> dict:
+    """A triton.Config as launch keyword arguments (its kwargs, num_warps, num_stages)."""
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+@contextlib.contextmanager
+def forced_config(cfg: triton.Config):
+    """Launch the autotuned kernels with `cfg` (and nothing else) inside the block: tests run
+    every config of the autotune set against the oracle this way, on GPUs and in the interpreter."""
+    global _forced
+    prev, _forced = _forced, config_meta(cfg)
+    try:
+        yield
+    finally:
+        _forced = prev
+
+
+def explicit_meta(fixed: dict) -> dict | None:
+    """The meta-parameters a launch of an autotuned kernel uses, or None where the autotuner
+    chooses: a forced config, else `fixed` (small tiles) in the interpreter, else GPU_FIXED with
+    CUMO_TRITON_AUTOTUNE=0."""
+    if _forced is not None:
+        return _forced
+    if INTERPRET:
+        return fixed
+    return None if AUTOTUNE else GPU_FIXED
 
 
 def on_tensor_device(fn):
@@ -69,11 +113,14 @@ def on_tensor_device(fn):
 
 
 def launch(kernel, grid, args: tuple, fixed: dict) -> None:
-    """Launch `kernel` (autotuned or not) on `grid` (a callable of the meta-parameters)."""
-    if INTERPRET:
-        kernel[grid(fixed)](*args, **fixed)
-    else:
+    """Launch `kernel` (autotuned or not) on `grid` (a callable of the meta-parameters), with the
+    meta-parameters of `explicit_meta(fixed)` where there are any, else as the autotuner picks."""
+    meta = explicit_meta(fixed)
+    if meta is None:
         kernel[grid](*args)
+    else:
+        base = kernel.fn if isinstance(kernel, Autotuner) else kernel  # an Autotuner's JIT function
+        base[grid(meta)](*args, **meta)
 
 
 @triton.jit

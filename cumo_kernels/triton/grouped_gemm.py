@@ -37,6 +37,7 @@ from ._common import (
     autotuned,
     check_dtype,
     dot_precision,
+    explicit_meta,
     launch,
     on_tensor_device,
 )
@@ -468,8 +469,10 @@ def forward(
     )
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) + e, triton.cdiv(n, meta["BN"]))  # noqa: E731
     if _tma_usable(a, weight):
-        a_desc = TensorDescriptor.from_tensor(a, [_FIXED["BM"], _FIXED["BK"]])
-        w_desc = TensorDescriptor.from_tensor(weight.view(e * n, k), [_FIXED["BN"], _FIXED["BK"]])
+        # block shapes: the launch's explicit config, else placeholders the autotune pre-hook sets
+        bs = explicit_meta(_FIXED) or _FIXED
+        a_desc = TensorDescriptor.from_tensor(a, [bs["BM"], bs["BK"]])
+        w_desc = TensorDescriptor.from_tensor(weight.view(e * n, k), [bs["BN"], bs["BK"]])
         launch(_fwd_tma, grid, (a, a_desc, w_desc) + args[2:], _FIXED)
     else:
         launch(_fwd, grid, args, _FIXED)
