@@ -64,7 +64,9 @@ def autotuned(kernel, configs: list, key: list[str]):
     interpreter), launched with explicit meta-parameters (see `explicit_meta`)."""
     if not AUTOTUNE:
         return kernel
-    return triton.autotune(configs=configs, key=key)(kernel)
+    # cache_results: the timings go to Triton's on-disk cache, so a new process (a second
+    # benchmark run, a restarted job) does not time every config again
+    return triton.autotune(configs=configs, key=key, cache_results=True)(kernel)
 
 
 def config_meta(cfg: triton.Config) -> dict:
