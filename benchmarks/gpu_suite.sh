@@ -168,12 +168,13 @@ if want bench; then
 	[[ -f $LOGS/tests.json ]] && extra+=(--tests-json "$LOGS/tests.json")
 	[[ -f $LOGS/sanitizer.json ]] && extra+=(--sanitizer-json "$LOGS/sanitizer.json")
 	log "bench: python -m benchmarks (limit ${t}s) ${GPU_SUITE_BENCH_ARGS:-}"
+	# TRITON_PRINT_AUTOTUNING: each autotune's time goes to bench.log (its compile share; NOTES.md)
 	# shellcheck disable=SC2086
-	timeout -s INT -k 10 "$t" "$PY" -m benchmarks --out "$OUT/results.json" --plot "$OUT/plot.png" \
+	TRITON_PRINT_AUTOTUNING=1 timeout -s INT -k 10 "$t" "$PY" -m benchmarks --out "$OUT/results.json" --plot "$OUT/plot.png" \
 		--time-budget $((t > 60 ? t - 40 : t / 2)) "${extra[@]}" ${GPU_SUITE_BENCH_ARGS:-} \
 		>"$LOGS/bench.log" 2>"$LOGS/bench.err"
 	log "bench: exit $?"
-	cat "$LOGS/bench.log"
+	grep -v "^Triton autotuning\|^with key as\|^finished after\|^best config selected" "$LOGS/bench.log"
 	# auto's measured order from this run (commit it as cumo_kernels/auto_table.json once the
 	# tests passed; the tool refuses a run with test failures)
 	[[ -f $OUT/results.json ]] && "$PY" -m benchmarks.auto_table "$OUT/results.json" --out "$OUT/auto_table.json" \
