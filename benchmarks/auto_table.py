@@ -56,6 +56,8 @@ def entries_of(doc: dict, source: str) -> list[dict]:
                 "out": int(dims["out"]),
                 "experts": int(dims["experts"]),
                 "top_k": int(dims["top_k"]),
+                "activation": dims.get("activation"),
+                "samples": dims.get("samples"),
                 "order": sorted(ms, key=ms.__getitem__),
                 "ms": {b: round(v, 4) for b, v in sorted(ms.items(), key=lambda kv: kv[1])},
                 "source": source,
@@ -64,6 +66,12 @@ def entries_of(doc: dict, source: str) -> list[dict]:
             }
         )
     return out
+
+
+def _when(date: str) -> dt.datetime:
+    """A result file's ISO date, as UTC where it names no zone (so that dates compare)."""
+    d = dt.datetime.fromisoformat(date)
+    return d if d.tzinfo is not None else d.replace(tzinfo=dt.timezone.utc)
 
 
 def build(paths: list[Path], allow_failed_tests: bool = False) -> tuple[dict, list[str]]:
@@ -86,9 +94,9 @@ def build(paths: list[Path], allow_failed_tests: bool = False) -> tuple[dict, li
             )
         for e in entries_of(doc, str(path)):
             key = (e["device"], e["dtype"], e["pass"], e["tokens"], e["in"], e["hidden"], e["out"], e["experts"])
-            key += (e["top_k"],)
+            key += (e["top_k"], str(e["activation"]), str(e["samples"]))
             old = merged.get(key)
-            if old is None or dt.datetime.fromisoformat(e["date"]) >= dt.datetime.fromisoformat(old["date"]):
+            if old is None or _when(e["date"]) >= _when(old["date"]):
                 merged[key] = e
     doc = {"schema": tuning.SCHEMA, "entries": [merged[k] for k in sorted(merged, key=str)]}
     tuning.check_table(doc)

@@ -281,7 +281,7 @@ void grouped_linear_backward(u64 grad_y, u64 x, u64 weight, u64 offsets, u64 pre
       act_bias_grad_kernel<Tp><<<dim3(grid_for(N, 32), E), dim3(32, kBiasLanes), 0, s>>>(
           g, ptr<const Tp>(pre), N, off, act, dtype, ptr<Tp>(grad_pre), ptr<Tp>(grad_b));
       check_launch("act_bias_grad_kernel");
-      if (act != kNone) g = ptr<const Tp>(grad_pre);
+      if (act != kNone && M > 0) g = ptr<const Tp>(grad_pre);  // (no grad_pre is allocated when M == 0)
     }
     if (use_cutlass) {
       if (M == 0 || N == 0 || K == 0) throw std::invalid_argument("cumo_kernels._cuda: the CUTLASS path needs M, N, K > 0");

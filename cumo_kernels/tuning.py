@@ -106,8 +106,9 @@ def _load(path: str) -> tuple[dict, ...]:
 
 
 def reload() -> None:
-    """Forget the tables read so far (after the file changed on disk)."""
+    """Forget the tables read and the lookups made so far (after the file changed on disk)."""
     _load.cache_clear()
+    _order_for.cache_clear()
 
 
 def table() -> tuple[dict, ...]:
@@ -123,10 +124,10 @@ def _entry_flops(e: dict) -> float:
 def lookup(entries: tuple[dict, ...] | list[dict], device: str, capability: str | None, w: Workload) -> dict | None:
     """The entry whose measured order applies to workload `w` on GPU `device` (its name) with
     compute capability `capability` ("9.0"), or None (see the module docstring)."""
-    same_gpu = [e for e in entries if e["device"] == device]
-    if not same_gpu and capability is not None:
-        same_gpu = [e for e in entries if e.get("capability") == capability]
-    cands = [e for e in same_gpu if e["dtype"] == w.dtype and e["pass"] == w.pass_]
+    fitting = [e for e in entries if e["dtype"] == w.dtype and e["pass"] == w.pass_]
+    cands = [e for e in fitting if e["device"] == device]
+    if not cands and capability is not None:
+        cands = [e for e in fitting if e.get("capability") == capability]
     if not cands or w.flops <= 0:
         return None
 
@@ -158,10 +159,19 @@ def device_key(index: int) -> tuple[str, str]:
 def measured_order(device: torch.device, w: Workload) -> tuple[str, ...] | None:
     """The backends in measured order for workload `w` on CUDA device `device`, or None where the
     table has no entry that applies (then auto's static order stands)."""
-    entries = table()
-    if not entries or device.type != "cuda":
+    if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
+    return _order_for(os.environ.get(ENV_VAR) or str(TABLE_FILE), index, w)
+
+
+@functools.lru_cache(maxsize=1024)
+def _order_for(path: str, index: int, w: Workload) -> tuple[str, ...] | None:
+    """measured_order's lookup, once per (table file, device, workload): a layer called every step
+    with the same shape does not scan the table again."""
+    entries = _load(path)
+    if not entries:
+        return None
     name, cap = device_key(index)
     e = lookup(entries, name, cap, w)
     return None if e is None else tuple(e["order"])

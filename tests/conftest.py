@@ -46,8 +46,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(autouse=True)
 def _no_env_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests choose backends explicitly; an exported CUMO_KERNELS_BACKEND must not leak in."""
+    """Tests choose backends explicitly: an exported CUMO_KERNELS_BACKEND, or a user's own
+    measured-order table (CUMO_KERNELS_AUTO_TABLE, cumo_kernels.tuning), must not leak in."""
     monkeypatch.delenv("CUMO_KERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("CUMO_KERNELS_AUTO_TABLE", raising=False)
 
 
 def skip_unsupported(device: str, backend: str, dtype: torch.dtype) -> None:

@@ -206,5 +206,49 @@ def test_select_follows_the_measured_order(monkeypatch):
 def test_workload_is_only_built_for_cuda_tensors():
     x = torch.randn(3, 8)
     assert _workload(x, 16, 8, 4, 2, (x,)) is None
-    w = _w(100)
-    assert w.flops == 3 * 2.0 * 100 * 2 * (1024 * 4096 + 4096 * 1024)
+
+
+def test_workload_flops_are_the_benchmarks():
+    from benchmarks.shapes import NAMED
+
+    for shape in NAMED.values():
+        dims = {"in": shape.d_in, "hidden": shape.hidden, "out": shape.d_out, "experts": shape.experts}
+        dims["top_k"] = shape.top_k
+        for pass_ in ("fwd", "fwd+bwd"):
+            assert _w(shape.tokens, pass_, dims).flops == shape.flops(pass_), (shape.name, pass_)
+
+
+def test_same_gpu_entries_of_another_pass_do_not_hide_same_capability_ones():
+    entries = [
+        _entry(["triton"], 23080, pass_="fwd", device="H100 SXM"),
+        _entry(["cuda"], 23080, pass_="fwd+bwd", device="H100 PCIe"),
+    ]
+    assert tuning.lookup(entries, "H100 SXM", "9.0", _w(23080))["order"] == ["cuda"]
+    assert tuning.lookup(entries, "H100 SXM", "9.0", _w(23080, "fwd"))["order"] == ["triton"]
+
+
+def test_measured_order_reads_the_table_once_per_workload(tmp_path, monkeypatch):
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps({"schema": tuning.SCHEMA, "entries": [_entry(["cuda", "torch"], 23080)]}))
+    monkeypatch.setenv(tuning.ENV_VAR, str(p))
+    monkeypatch.setattr(tuning, "device_key", lambda index: ("SYNTHETIC H100", "9.0"))
+    tuning.reload()
+    try:
+        cuda = torch.device("cuda", 0)
+        assert tuning.measured_order(cuda, _w(23080)) == ("cuda", "torch")
+        assert tuning.measured_order(cuda, _w(23080, "fwd")) is None
+        assert tuning.measured_order(torch.device("cpu"), _w(23080)) is None
+        p.write_text(json.dumps({"schema": tuning.SCHEMA, "entries": []}))
+        assert tuning.measured_order(cuda, _w(23080)) == ("cuda", "torch")  # cached
+        tuning.reload()
+        assert tuning.measured_order(cuda, _w(23080)) is None
+    finally:
+        tuning.reload()
+
+
+def test_dates_with_and_without_zone_compare(tmp_path):
+    a = _result_doc(TIMES, date="2026-11-01T00:00:00")
+    b = _result_doc({("clip-train", "fwd+bwd"): {"cumo-triton": 1.0}}, date="2026-11-20T00:00:00+00:00")
+    doc, _ = auto_table.build([_write(tmp_path, "b.json", b), _write(tmp_path, "a.json", a)])
+    by = {(e["shape"], e["pass"]): e for e in doc["entries"]}
+    assert by["clip-train", "fwd+bwd"]["order"] == ["triton"]
