@@ -113,6 +113,40 @@ def _find_tile(offsets_ptr, E, pid, BM: tl.constexpr):
 
 
 @triton.jit
+def _fwd_tile(
+    offsets_ptr,
+    idx_ptr,
+    E,
+    N,
+    top_k,
+    pid_m,
+    pid_n,
+    GATHER: tl.constexpr,
+    SCATTER: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """The forward block's tile (both forward kernels): expert (-1 past the last tile) and first
+    row; rows (clamped to 0 where masked), their mask, slots (sort_idx of the rows with GATHER or
+    SCATTER, else the rows), A's rows (the slots' tokens with GATHER); columns, their mask; the
+    expert clamped to 0 for addressing."""
+    e_sel, row0, row_end = _find_tile(offsets_ptr, E, pid_m, BM)
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < row_end
+    rows = tl.where(rmask, rows, 0)
+    slot = rows
+    if GATHER or SCATTER:
+        slot = tl.load(idx_ptr + rows, mask=rmask, other=0)
+    arow = rows
+    if GATHER:
+        arow = slot // top_k
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < N
+    e_safe = tl.maximum(e_sel, 0)
+    return e_sel, row0, rows, rmask, slot, arow, cols, cmask, e_safe
+
+
+@triton.jit
 def _fwd_epilogue(
     acc,
     b_ptr,
@@ -174,19 +208,9 @@ def _grouped_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e_sel, row0, row_end = _find_tile(offsets_ptr, E, pid_m, BM)
-    rows = row0 + tl.arange(0, BM)
-    rmask = rows < row_end
-    rows = tl.where(rmask, rows, 0)
-    slot = rows
-    if GATHER or SCATTER:
-        slot = tl.load(idx_ptr + rows, mask=rmask, other=0)
-    arow = rows
-    if GATHER:
-        arow = slot // top_k
-    cols = pid_n * BN + tl.arange(0, BN)
-    cmask = cols < N
-    e_safe = tl.maximum(e_sel, 0)
+    e_sel, row0, rows, rmask, slot, arow, cols, cmask, e_safe = _fwd_tile(
+        offsets_ptr, idx_ptr, E, N, top_k, pid_m, pid_n, GATHER, SCATTER, BM, BN
+    )
     w_base = w_ptr + e_safe * N * K
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     k_end = tl.where(e_sel >= 0, K, 0)
@@ -233,19 +257,9 @@ def _grouped_fwd_tma_kernel(
     past the tensors' ends."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e_sel, row0, row_end = _find_tile(offsets_ptr, E, pid_m, BM)
-    rows = row0 + tl.arange(0, BM)
-    rmask = rows < row_end
-    rows = tl.where(rmask, rows, 0)
-    slot = rows
-    if GATHER or SCATTER:
-        slot = tl.load(idx_ptr + rows, mask=rmask, other=0)
-    arow = rows
-    if GATHER:
-        arow = slot // top_k
-    cols = pid_n * BN + tl.arange(0, BN)
-    cmask = cols < N
-    e_safe = tl.maximum(e_sel, 0)
+    e_sel, row0, rows, rmask, slot, arow, cols, cmask, e_safe = _fwd_tile(
+        offsets_ptr, idx_ptr, E, N, top_k, pid_m, pid_n, GATHER, SCATTER, BM, BN
+    )
     w_row = (e_safe * N + pid_n * BN).to(tl.int32)
     a_row = row0.to(tl.int32)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
