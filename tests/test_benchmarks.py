@@ -199,3 +199,39 @@ def test_saved_bytes_cli(capsys):
     assert saved_bytes.main(["--shapes", "nonesuch", "--providers", "grouped_mm"]) == 2
     # TRITON_INTERPRET is set only when cumo-triton is asked for (it would change later tests)
     assert os.environ.get("TRITON_INTERPRET") == before
+
+
+def test_peak_memory_sums_allocations_in_order():
+    from benchmarks.peak_memory import peak_bytes
+
+    def fn():
+        a = torch.empty(1000, dtype=torch.float32)
+        b = torch.empty(2000, dtype=torch.float32)
+        del a
+        c = torch.empty(500, dtype=torch.float32)
+        return b, c
+
+    peak, held, out = peak_bytes(fn)
+    assert (peak, held) == (12000, 10000)
+    assert out[0].numel() == 2000
+
+
+def test_peak_memory_cli(capsys):
+    from benchmarks import peak_memory
+    from cumo_kernels.reference import gemm
+
+    before = (os.environ.get("TRITON_INTERPRET"), os.environ.get("CUMO_KERNELS_TORCH_GEMM"))
+    from triton.runtime import interpreter
+
+    caps = (gemm._BLOCK_BYTES, gemm._CHUNK_ELEMS, interpreter.GridExecutor.__call__)
+    args = ["--shapes", "connector-train", "--providers", "cumo-torch,grouped_mm", "--scale", "16"]
+    assert peak_memory.main(args) == 0
+    out = capsys.readouterr().out
+    assert "connector-train  grouped_mm   peak" in out and "1.00x grouped_mm" in out
+    assert "connector-train  cumo-torch   peak" in out
+    # the stand-in settings are undone, and TRITON_INTERPRET is set only when cumo-triton is asked for
+    assert (os.environ.get("TRITON_INTERPRET"), os.environ.get("CUMO_KERNELS_TORCH_GEMM")) == before
+    assert (gemm._BLOCK_BYTES, gemm._CHUNK_ELEMS, interpreter.GridExecutor.__call__) == caps
+    assert peak_memory.main(["--shapes", "clip-train", "--scale", "7", "--providers", "grouped_mm"]) == 2
+    assert peak_memory.main(["--shapes", "nonesuch", "--providers", "grouped_mm"]) == 2
+    assert peak_memory.main(["--torch-gemm", "fast", "--providers", "grouped_mm"]) == 2

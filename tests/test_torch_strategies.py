@@ -33,15 +33,22 @@ def _float64_grouped(x, w, b, offsets, activation):
     return pre
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunks_of_5"])
 @pytest.mark.parametrize("strategy", gemm.STRATEGIES)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("activation", ["none", "gelu", "quick_gelu"])
-def test_strategy_matches_float64(monkeypatch, strategy, layout, activation):
+def test_strategy_matches_float64(monkeypatch, strategy, layout, activation, chunked):
+    """chunks_of_5: the activation and its derivative (and the CPU strategy's GEMM blocks) run on
+    chunks of 5 rows, so that chunk boundaries fall inside experts and the last chunk is short."""
     monkeypatch.setenv("CUMO_KERNELS_TORCH_GEMM", strategy)
     torch.manual_seed(0)
     offsets = LAYOUTS[layout]
     m = offsets[-1]
     e, k, n = 4, 8, 12  # 16-byte aligned fp32 rows, which grouped_mm requires
+    if chunked:
+        monkeypatch.setattr(gemm, "_CHUNK_ELEMS", 5 * n)
+        monkeypatch.setattr(gemm, "_BLOCK_BYTES", 5 * n * 4)
+        assert gemm._row_block(n, torch.float32) == 5
     x = torch.randn(m, k, requires_grad=True)
     w = torch.randn(e, n, k, requires_grad=True)
     b = torch.randn(e, n, requires_grad=True)
@@ -90,3 +97,33 @@ def test_nan_row_stays_in_its_expert(monkeypatch, strategy):
     assert torch.isfinite(gx[others]).all(), "NaN leaked into other rows of grad_x"
     for e in (0, 1, 3):
         assert torch.isfinite(gw[e]).all() and torch.isfinite(gb[e]).all(), f"NaN leaked into expert {e}'s gradients"
+
+
+@pytest.mark.parametrize("strategy", ["grouped_mm", "masked"])
+def test_activation_gradient_has_no_whole_float32_temporaries(monkeypatch, strategy):
+    """The CUDA strategies' backward through quick_gelu, [M, N] float16: computed on the whole
+    tensor, the derivative held four float32 [M, N] temporaries at once (the torch backend's peak
+    was 2.6x grouped_mm's at clip-train). Chunked, the backward holds at most: its outputs, the
+    gradient before the activation g, two more [M, N] float16 tensors (a masked copy of g for the
+    bias sums, the masked strategy's per-expert product), and eight chunks' float32 temporaries."""
+    from benchmarks.peak_memory import peak_bytes
+
+    monkeypatch.setenv("CUMO_KERNELS_TORCH_GEMM", strategy)
+    torch.manual_seed(0)
+    e, m, k, n = 4, 4096, 64, 256
+    chunk_rows = 256
+    monkeypatch.setattr(gemm, "_CHUNK_ELEMS", chunk_rows * n)
+    f16 = torch.float16
+    x, w, b = torch.randn(m, k, dtype=f16), torch.randn(e, n, k, dtype=f16) / 8, torch.randn(e, n, dtype=f16)
+    offsets = torch.tensor([0, 1000, 1000, 3000, m])
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = torch.ops.cumo.grouped_linear(*leaves, offsets, "quick_gelu", "torch")[0]
+    g = torch.randn(m, n, dtype=f16)
+    peak, _, grads = peak_bytes(lambda: torch.autograd.grad(y, leaves, g))
+    outputs = sum(t.numel() * t.element_size() for t in grads)
+    bound = outputs + 3 * m * n * 2 + 8 * chunk_rows * n * 4
+    whole_f32 = m * n * 4
+    assert peak <= bound, (
+        f"{strategy}: the backward held {peak / 2**20:.2f} MiB at its peak, more than {bound / 2**20:.2f} MiB "
+        f"(a float32 [M, N] temporary is {whole_f32 / 2**20:.2f} MiB)"
+    )

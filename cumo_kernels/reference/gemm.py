@@ -122,7 +122,8 @@ def grouped_linear(
     pre = _linear_pre(x, weight, bias, offsets, strategy)
     if activation == "none":
         return pre, x.new_empty(0)
-    return _activations.apply(pre, activation), pre
+    rows = _CHUNK_ELEMS // max(1, pre.shape[1])
+    return _by_rows(lambda p: _activations.apply(p, activation), rows, pre), pre
 
 
 # Row blocks of at most about this many bytes of [rows, N] output: the activation (and, in the
@@ -137,6 +138,31 @@ _BLOCK_BYTES = 16 << 20
 
 def _row_block(n: int, dtype: torch.dtype) -> int:
     return max(1, _BLOCK_BYTES // max(1, n * torch.empty(0, dtype=dtype).element_size()))
+
+
+# On the other strategies (CUDA) the activation and its derivative run on row chunks of at most
+# this many elements. On whole [M, hidden] tensors their float32 temporaries (up to four at once
+# for quick_gelu's derivative, each twice the size of the bf16 tensor) made the torch backend's
+# fwd+bwd peak memory 2.6x the grouped_mm pipeline's at clip-train (benchmarks/peak_memory.py,
+# NOTES.md); per chunk they are at most 4 x 16 MiB. Chunks are fixed row ranges: no row counts
+# on the host, no sync.
+_CHUNK_ELEMS = 1 << 22
+
+
+def _by_rows(fn, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """fn(*tensors) for a row-wise fn, computed `rows` rows at a time into one [M, ...] result
+    (one call when a chunk covers all M rows)."""
+    m = tensors[0].shape[0]
+    rows = max(1, rows)
+    if rows >= m:
+        return fn(*tensors)
+    out = None
+    for r0 in range(0, m, rows):
+        part = fn(*(t[r0 : r0 + rows] for t in tensors))
+        if out is None:
+            out = part.new_empty(m, *part.shape[1:])
+        out[r0 : r0 + rows] = part
+    return out
 
 
 def _row_blocks(offsets: torch.Tensor, num_experts: int, block: int):
@@ -185,13 +211,12 @@ def grouped_linear_backward(
     strategy = gemm_strategy(x, weight)
     if activation == "none":
         g = grad_y
-    elif strategy == "per_expert":
-        # Block by block, so that the derivative's several elementwise steps run in the cache.
-        g = torch.empty_like(grad_y)
-        for _, r0, r1 in _row_blocks(offsets, num_experts, _row_block(grad_y.shape[1], x.dtype)):
-            g[r0:r1] = _act_grad(grad_y[r0:r1], pre[r0:r1], activation, x.dtype)
     else:
-        g = _act_grad(grad_y, pre, activation, x.dtype)
+        # Chunk by chunk, so that the derivative's float32 temporaries stay small (and, on the
+        # CPU, its several elementwise steps run in the cache).
+        n = grad_y.shape[1]
+        rows = _row_block(n, x.dtype) if strategy == "per_expert" else _CHUNK_ELEMS // max(1, n)
+        g = _by_rows(lambda gy, p: _act_grad(gy, p, activation, x.dtype), rows, grad_y, pre)
     if strategy == "per_expert":
         # Allocated empty and written expert by expert: zero-filling a gradient as large as the
         # weights costs as much as a quarter of the backward's GEMM time on the CPU.

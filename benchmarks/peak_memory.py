@@ -1,0 +1,203 @@
+"""Peak memory of one forward+backward call per provider, measured on the CPU.
+
+    python -m benchmarks.peak_memory [--shapes clip-train,connector-train] [--providers ...] [--scale 8]
+
+What it measures is what the GPU benchmark's `peak_mem_gib` measures (torch.cuda.max_memory_allocated
+during one call, less what was allocated before it): the most bytes the call holds at once, its
+outputs (the gradients) included. Here the allocations are those of torch's CPU allocator, read from
+the profiler's memory events (`torch.profiler.profile(profile_memory=True)`) and summed in order.
+
+Scaling: every dim of the named shape (tokens, in, hidden, out) is divided by --scale, so that the
+Triton interpreter can run it; the bytes of every [rows, width] and [width, width] tensor then
+shrink by scale^2 and the figures are multiplied back by scale^2. Tensors that do not scale that
+way ([T, E] router logits, biases) are below 1% of the total at these shapes; runs at scale 4 and
+8 agree to within 1.5% (NOTES.md). Sizes that cap a transient buffer (the torch backend's row
+blocks and chunks) are divided by scale^2 too, so they cut the scaled run where they cut the
+full one.
+
+What makes the CPU stand in for the GPU here:
+- The Triton backend runs its real launchers in the interpreter; the kernels allocate nothing,
+  so the allocations are those of a GPU run. The interpreter leaves each launch's arguments in a
+  reference cycle until Python's garbage collector runs (triton's `_init_args_hst` closure), which
+  GPU launches do not: a collection follows every interpreted launch here. The GEMM tiles are
+  forced to 128x128x64 (fewer interpreted programs; allocations do not depend on the tile).
+- The torch backend runs the strategy it uses on CUDA in bf16 (grouped_mm; --torch-gemm to
+  change), not its CPU one.
+- float16 stands in for bfloat16 (same size; the interpreter cannot run bfloat16 dots).
+Not modelled: the CUDA caching allocator's rounding (to 512 B) and any workspace a CUDA library
+allocates on first use (the GPU benchmark warms up first, so neither is in its figure either).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+DEFAULT_SHAPES = ("clip-train", "connector-train")
+DEFAULT_PROVIDERS = ("cumo-triton", "cumo-torch", "grouped_mm", "cumo-loop")
+TRITON_TILE = {"BM": 128, "BN": 128, "BK": 64}
+
+
+def peak_bytes(fn: Callable[[], object]) -> tuple[int, int, object]:
+    """(peak, held at the end, fn's result): CPU bytes allocated by torch during fn() above what
+    was allocated before it, at their most and when fn returns (its result still held)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    try:
+        events = prof.profiler.kineto_results.events()
+    except AttributeError as exc:  # a private attribute: say so plainly if a torch release moves it
+        raise RuntimeError(
+            f"torch {torch.__version__}: the profiler's memory events are not where this tool reads "
+            "them (prof.profiler.kineto_results.events())"
+        ) from exc
+    memory = sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in memory:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak, held, out
+
+
+def scaled_shape(full, scale: int):
+    """The named shape with tokens and widths divided by `scale` (samples of the same length where
+    the scaled token count allows, else one sample)."""
+    for name in ("tokens", "d_in", "hidden", "d_out"):
+        if getattr(full, name) % scale:
+            raise ValueError(f"--scale {scale}: {full.name}'s {name} = {getattr(full, name)} is not a multiple")
+    t = full.tokens // scale
+    samples = t // full.tokens_per_sample if t % full.tokens_per_sample == 0 else 1
+    return replace(
+        full,
+        tokens=t,
+        samples=samples,
+        d_in=full.d_in // scale,
+        hidden=full.hidden // scale,
+        d_out=full.d_out // scale,
+    )
+
+
+@contextlib.contextmanager
+def cpu_stand_in(scale: int, torch_gemm: str) -> Iterator[None]:
+    """The settings of the module docstring, undone on exit: scaled buffer caps, the torch
+    backend's CUDA strategy, large Triton tiles, a garbage collection after each interpreted launch."""
+    import triton
+    from triton.runtime import interpreter
+
+    from cumo_kernels.reference import gemm
+    from cumo_kernels.triton._common import forced_config
+
+    caps = {"_BLOCK_BYTES": gemm._BLOCK_BYTES, "_CHUNK_ELEMS": gemm._CHUNK_ELEMS}
+    launch = interpreter.GridExecutor.__call__
+
+    def launch_then_collect(self, *args, **kwargs):
+        result = launch(self, *args, **kwargs)
+        gc.collect()
+        return result
+
+    old_env = os.environ.get("CUMO_KERNELS_TORCH_GEMM")
+    try:
+        for name, value in caps.items():
+            setattr(gemm, name, max(1, value // scale**2))
+        os.environ["CUMO_KERNELS_TORCH_GEMM"] = torch_gemm
+        interpreter.GridExecutor.__call__ = launch_then_collect
+        with forced_config(triton.Config(TRITON_TILE, num_warps=4, num_stages=1)):
+            yield
+    finally:
+        interpreter.GridExecutor.__call__ = launch
+        for name, value in caps.items():
+            setattr(gemm, name, value)
+        if old_env is None:
+            os.environ.pop("CUMO_KERNELS_TORCH_GEMM", None)
+        else:
+            os.environ["CUMO_KERNELS_TORCH_GEMM"] = old_env
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peak_memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES))
+    p.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS))
+    p.add_argument("--scale", type=int, default=8, help="divide tokens and widths by this (default 8)")
+    p.add_argument(
+        "--torch-gemm",
+        default="grouped_mm",
+        help="the torch backend's strategy (default grouped_mm, its CUDA bf16 one; per_expert is its CPU one)",
+    )
+    args = p.parse_args(argv)
+    if "cumo-triton" in args.providers.split(","):
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors only here
+
+    import torch
+
+    from cumo_kernels.reference.gemm import STRATEGIES
+
+    from .providers import _grads_of, make_inputs, providers_for
+    from .shapes import NAMED
+
+    if args.scale < 1:
+        print(f"--scale: expected a positive integer, got {args.scale}", file=sys.stderr)
+        return 2
+    if args.torch_gemm not in STRATEGIES:
+        print(f"--torch-gemm: unknown {args.torch_gemm!r}; accepted: {', '.join(STRATEGIES)}", file=sys.stderr)
+        return 2
+    wanted = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in wanted if s not in NAMED]
+    if unknown:
+        print(f"--shapes: unknown {unknown}; named shapes: {', '.join(NAMED)}", file=sys.stderr)
+        return 2
+    device = torch.device("cpu")
+    providers, skipped = providers_for(device, [s for s in args.providers.split(",") if s])
+    for name, why in skipped:
+        print(f"skip {name}: {why}")
+    print(
+        f"peak memory of one fwd+bwd call (gradients included, inputs not), measured on the CPU at "
+        f"tokens and widths / {args.scale}, float16, x {args.scale**2} to the named shape; torch backend "
+        f"strategy {args.torch_gemm}"
+    )
+    factor = args.scale**2
+    for sname in wanted:
+        try:
+            small = scaled_shape(NAMED[sname], args.scale)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        rows = {}
+        for prov in providers:
+            if prov.forward is None:
+                continue
+            inp = make_inputs(small, torch.float16, device)
+            for t in inp.params():
+                t.requires_grad_(True)
+
+            def call(prov=prov, inp=inp, small=small):
+                return _grads_of(prov.forward(inp, small), inp)
+
+            t0 = time.perf_counter()
+            with cpu_stand_in(args.scale, args.torch_gemm):
+                call()  # warm-up: compiled/interpreted code, caches
+                gc.collect()
+                peak, _, out = peak_bytes(call)
+            grads = sum(g.numel() * g.element_size() for g in out if g is not None)
+            rows[prov.name] = (peak * factor, grads * factor, time.perf_counter() - t0)
+            del out
+        base = rows.get("grouped_mm", (None,))[0]
+        for name, (peak, grads, secs) in rows.items():
+            ratio = f"{peak / base:5.2f}x grouped_mm" if base else ""
+            print(
+                f"{sname:<16} {name:<12} peak {peak / 2**30:7.3f} GiB  {ratio}  "
+                f"(gradients {grads / 2**30:.3f} GiB; {secs:.0f} s)",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
