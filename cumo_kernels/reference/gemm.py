@@ -211,11 +211,14 @@ def grouped_linear_backward(
     strategy = gemm_strategy(x, weight)
     if activation == "none":
         g = grad_y
+    elif strategy == "per_expert":
+        # Block by block, so that the derivative's several elementwise steps run in the cache.
+        g = torch.empty_like(grad_y)
+        for _, r0, r1 in _row_blocks(offsets, num_experts, _row_block(grad_y.shape[1], x.dtype)):
+            g[r0:r1] = _act_grad(grad_y[r0:r1], pre[r0:r1], activation, x.dtype)
     else:
-        # Chunk by chunk, so that the derivative's float32 temporaries stay small (and, on the
-        # CPU, its several elementwise steps run in the cache).
-        n = grad_y.shape[1]
-        rows = _row_block(n, x.dtype) if strategy == "per_expert" else _CHUNK_ELEMS // max(1, n)
+        # Row chunks, so that the derivative's float32 temporaries stay small (_CHUNK_ELEMS).
+        rows = _CHUNK_ELEMS // max(1, grad_y.shape[1])
         g = _by_rows(lambda gy, p: _act_grad(gy, p, activation, x.dtype), rows, grad_y, pre)
     if strategy == "per_expert":
         # Allocated empty and written expert by expert: zero-filling a gradient as large as the
