@@ -135,11 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     if "cumo-triton" in args.providers.split(","):
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors only here
 
-    import torch
-
     from cumo_kernels.reference.gemm import STRATEGIES
 
-    from .providers import _grads_of, make_inputs, providers_for
+    from .providers import _grads_of
+    from .saved_bytes import shapes_and_providers, training_inputs
     from .shapes import NAMED
 
     if args.scale < 1:
@@ -148,15 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.torch_gemm not in STRATEGIES:
         print(f"--torch-gemm: unknown {args.torch_gemm!r}; accepted: {', '.join(STRATEGIES)}", file=sys.stderr)
         return 2
-    wanted = [s for s in args.shapes.split(",") if s]
-    unknown = [s for s in wanted if s not in NAMED]
-    if unknown:
-        print(f"--shapes: unknown {unknown}; named shapes: {', '.join(NAMED)}", file=sys.stderr)
+    chosen = shapes_and_providers(args.shapes, args.providers)
+    if chosen is None:
         return 2
-    device = torch.device("cpu")
-    providers, skipped = providers_for(device, [s for s in args.providers.split(",") if s])
-    for name, why in skipped:
-        print(f"skip {name}: {why}")
+    wanted, providers = chosen
     print(
         f"peak memory of one fwd+bwd call (gradients included, inputs not), measured on the CPU at "
         f"tokens and widths / {args.scale}, float16, x {args.scale**2} to the named shape; torch backend "
@@ -171,11 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         rows = {}
         for prov in providers:
-            if prov.forward is None:
-                continue
-            inp = make_inputs(small, torch.float16, device)
-            for t in inp.params():
-                t.requires_grad_(True)
+            inp = training_inputs(small)
 
             def call(prov=prov, inp=inp, small=small):
                 return _grads_of(prov.forward(inp, small), inp)

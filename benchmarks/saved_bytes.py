@@ -76,6 +76,39 @@ def full_size_bytes(saved: list, small, full, scale: int) -> float:
     return total
 
 
+def shapes_and_providers(shapes: str, providers: str) -> tuple[list[str], list] | None:
+    """The named shapes and the CPU providers of a comma-separated --shapes / --providers (the
+    CPU memory tools': this one and benchmarks.peak_memory); prints the providers skipped and
+    why, and returns None (after saying why) for an unknown shape."""
+    import torch
+
+    from .providers import providers_for
+    from .shapes import NAMED
+
+    wanted = [s for s in shapes.split(",") if s]
+    unknown = [s for s in wanted if s not in NAMED]
+    if unknown:
+        print(f"--shapes: unknown {unknown}; named shapes: {', '.join(NAMED)}", file=sys.stderr)
+        return None
+    chosen, skipped = providers_for(torch.device("cpu"), [s for s in providers.split(",") if s])
+    for name, why in skipped:
+        print(f"skip {name}: {why}")
+    return wanted, [p for p in chosen if p.forward is not None]
+
+
+def training_inputs(shape):
+    """Float16 CPU inputs of `shape` (float16 stands in for bfloat16: same size, and the Triton
+    interpreter cannot run bfloat16 dots), every one requiring grad."""
+    import torch
+
+    from .providers import make_inputs
+
+    inp = make_inputs(shape, torch.float16, torch.device("cpu"))
+    for t in inp.params():
+        t.requires_grad_(True)
+    return inp
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.saved_bytes", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES))
@@ -87,20 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     if "cumo-triton" in args.providers.split(","):
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors only here
 
-    import torch
-
-    from .providers import make_inputs, providers_for
     from .shapes import NAMED
 
-    device = torch.device("cpu")
-    wanted = [s for s in args.shapes.split(",") if s]
-    unknown = [s for s in wanted if s not in NAMED]
-    if unknown:
-        print(f"--shapes: unknown {unknown}; named shapes: {', '.join(NAMED)}", file=sys.stderr)
+    chosen = shapes_and_providers(args.shapes, args.providers)
+    if chosen is None:
         return 2
-    providers, skipped = providers_for(device, [s for s in args.providers.split(",") if s])
-    for name, why in skipped:
-        print(f"skip {name}: {why}")
+    wanted, providers = chosen
     print(
         f"saved-for-backward bytes (activation memory), counted on the CPU at widths / {args.scale} and "
         f"T = {args.tokens}, float16, mapped to the named shape; inputs and parameters not counted"
@@ -122,11 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         counted = {}
         for prov in providers:
-            if prov.forward is None:
-                continue
-            inp = make_inputs(small, torch.float16, device)
-            for t in inp.params():
-                t.requires_grad_(True)
+            inp = training_inputs(small)
             saved, _ = count_saved(functools.partial(prov.forward, inp, small), inp.params())
             counted[prov.name] = (full_size_bytes(saved, small, full, args.scale), saved)
         base = counted.get("grouped_mm", (None,))[0]
