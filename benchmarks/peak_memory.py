@@ -46,7 +46,9 @@ TRITON_TILE = {"BM": 128, "BN": 128, "BK": 64}
 
 def peak_bytes(fn: Callable[[], object]) -> tuple[int, int, object]:
     """(peak, held at the end, fn's result): CPU bytes allocated by torch during fn() above what
-    was allocated before it, at their most and when fn returns (its result still held)."""
+    was allocated before it, at their most and when fn returns (its result still held). Frees of
+    memory allocated before fn() are not seen (the profiler does not know their sizes): where fn
+    frees earlier tensors (a backward alone frees the saved ones) the peak is an upper bound."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
