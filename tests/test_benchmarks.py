@@ -217,12 +217,12 @@ def test_peak_memory_sums_allocations_in_order():
 
 
 def test_peak_memory_cli(capsys):
+    from triton.runtime import interpreter
+
     from benchmarks import peak_memory
     from cumo_kernels.reference import gemm
 
     before = (os.environ.get("TRITON_INTERPRET"), os.environ.get("CUMO_KERNELS_TORCH_GEMM"))
-    from triton.runtime import interpreter
-
     caps = (gemm._BLOCK_BYTES, gemm._CHUNK_ELEMS, interpreter.GridExecutor.__call__)
     args = ["--shapes", "connector-train", "--providers", "cumo-torch,grouped_mm", "--scale", "16"]
     assert peak_memory.main(args) == 0
