@@ -23,6 +23,11 @@ What makes the CPU stand in for the GPU here:
   forced to 128x128x64 (fewer interpreted programs; allocations do not depend on the tile).
 - The torch backend runs the strategy it uses on CUDA in bf16 (grouped_mm; --torch-gemm to
   change), not its CPU one.
+- The cuda backend runs its Python side (cumo_kernels/cuda.py: every output and workspace is a
+  torch allocation there, the extension allocates nothing) with the extension's kernel calls
+  replaced by no-ops and its device checks lifted, so its tensors hold garbage that nothing on
+  the host reads. The CUTLASS GEMM workspace size needs a device: the SIMT path's is used (a few
+  bytes against GiB of activations, but CUTLASS's own share is not measured).
 - float16 stands in for bfloat16 (same size; the interpreter cannot run bfloat16 dots).
 Not modelled: the CUDA caching allocator's rounding (to 512 B) and any workspace a CUDA library
 allocates on first use (the GPU benchmark warms up first, so neither is in its figure either).
@@ -36,11 +41,22 @@ import gc
 import os
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 DEFAULT_SHAPES = ("clip-train", "connector-train")
-DEFAULT_PROVIDERS = ("cumo-triton", "cumo-torch", "grouped_mm", "cumo-loop")
+DEFAULT_PROVIDERS = ("cumo-triton", "cumo-cuda", "cumo-torch", "grouped_mm", "cumo-loop")
+CUDA_KERNEL_CALLS = (
+    "route_forward",
+    "route_backward",
+    "permute_forward",
+    "permute_backward",
+    "unpermute_forward",
+    "unpermute_backward",
+    "grouped_linear_forward",
+    "grouped_linear_backward",
+)
 TRITON_TILE = {"BM": 128, "BN": 128, "BK": 64}
 
 
@@ -123,6 +139,47 @@ def cpu_stand_in(scale: int, torch_gemm: str) -> Iterator[None]:
             os.environ["CUMO_KERNELS_TORCH_GEMM"] = old_env
 
 
+@contextlib.contextmanager
+def cuda_backend_stand_in() -> Iterator[None]:
+    """The cuda backend on CPU tensors with no-op kernels (module docstring), undone on exit.
+    Raises RuntimeError where the extension is not built."""
+    from cumo_kernels import cuda
+
+    ext = cuda._cuda
+    if ext is None:
+        raise RuntimeError("the extension cumo_kernels._cuda is not built (python setup.py build_ext --inplace)")
+    needed = (*CUDA_KERNEL_CALLS, "permute_workspace_bytes", "gemm_workspace_bytes")
+    missing = [n for n in needed if not hasattr(ext, n)]
+    if missing:
+        raise RuntimeError(f"cumo_kernels._cuda lacks {missing}: this stand-in is out of date")
+
+    def no_op(*args, **kwargs) -> None:
+        return None
+
+    def simt_workspace(m, k, n, e, code, use_cutlass, device):  # the SIMT path's: no device query
+        return ext.gemm_workspace_bytes(m, k, n, e, code, False, 0)
+
+    fake = types.SimpleNamespace(**{n: no_op for n in CUDA_KERNEL_CALLS})
+    fake.permute_workspace_bytes = ext.permute_workspace_bytes
+    fake.gemm_workspace_bytes = simt_workspace
+    fake.build_info = ext.build_info
+    patches = {
+        "_cuda": fake,
+        "_check": lambda name, t, device, dtype=None: None,
+        "_stream": lambda device: 0,
+        "_use_cutlass": lambda *args: False,
+        "refusal": lambda device_type: None,
+    }
+    saved = {name: getattr(cuda, name) for name in patches}
+    try:
+        for name, value in patches.items():
+            setattr(cuda, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(cuda, name, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.peak_memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES))
@@ -139,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cumo_kernels.reference.gemm import STRATEGIES
 
-    from .providers import _grads_of
+    from .providers import _cumo_provider, _grads_of
     from .saved_bytes import shapes_and_providers, training_inputs
     from .shapes import NAMED
 
@@ -149,10 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.torch_gemm not in STRATEGIES:
         print(f"--torch-gemm: unknown {args.torch_gemm!r}; accepted: {', '.join(STRATEGIES)}", file=sys.stderr)
         return 2
-    chosen = shapes_and_providers(args.shapes, args.providers)
+    asked = [s for s in args.providers.split(",") if s]
+    # cumo-cuda is not available on the CPU: it runs under cuda_backend_stand_in, added here
+    chosen = shapes_and_providers(args.shapes, ",".join(n for n in asked if n != "cumo-cuda"))
     if chosen is None:
         return 2
     wanted, providers = chosen
+    if "cumo-cuda" in asked:
+        try:
+            with cuda_backend_stand_in():
+                pass
+            providers.insert(0, _cumo_provider("cuda"))
+        except RuntimeError as exc:
+            print(f"skip cumo-cuda: {exc}")
     print(
         f"peak memory of one fwd+bwd call (gradients included, inputs not), measured on the CPU at "
         f"tokens and widths / {args.scale}, float16, x {args.scale**2} to the named shape; torch backend "
@@ -173,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _grads_of(prov.forward(inp, small), inp)
 
             t0 = time.perf_counter()
-            with cpu_stand_in(args.scale, args.torch_gemm):
+            cuda_side = cuda_backend_stand_in() if prov.name == "cumo-cuda" else contextlib.nullcontext()
+            with cpu_stand_in(args.scale, args.torch_gemm), cuda_side:
                 call()  # warm-up: compiled/interpreted code, caches
                 gc.collect()
                 peak, _, out = peak_bytes(call)

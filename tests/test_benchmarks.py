@@ -232,6 +232,17 @@ def test_peak_memory_cli(capsys):
     # the stand-in settings are undone, and TRITON_INTERPRET is set only when cumo-triton is asked for
     assert (os.environ.get("TRITON_INTERPRET"), os.environ.get("CUMO_KERNELS_TORCH_GEMM")) == before
     assert (gemm._BLOCK_BYTES, gemm._CHUNK_ELEMS, interpreter.GridExecutor.__call__) == caps
+    # the cuda backend's Python side with no-op kernels (where the extension is built), undone after
+    from cumo_kernels import cuda
+
+    kept = (cuda._cuda, cuda._check, cuda._stream, cuda._use_cutlass, cuda.refusal)
+    assert peak_memory.main(["--shapes", "connector-train", "--providers", "cumo-cuda", "--scale", "16"]) == 0
+    out = capsys.readouterr().out
+    if cuda._cuda is None:
+        assert "skip cumo-cuda: the extension cumo_kernels._cuda is not built" in out
+    else:
+        assert "connector-train  cumo-cuda    peak" in out
+    assert (cuda._cuda, cuda._check, cuda._stream, cuda._use_cutlass, cuda.refusal) == kept
     assert peak_memory.main(["--shapes", "clip-train", "--scale", "7", "--providers", "grouped_mm"]) == 2
     assert peak_memory.main(["--shapes", "nonesuch", "--providers", "grouped_mm"]) == 2
     assert peak_memory.main(["--torch-gemm", "fast", "--providers", "grouped_mm"]) == 2
