@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             def call(prov=prov, inp=inp, small=small):
                 return _grads_of(prov.forward(inp, small), inp)
 
+            print(f"  measuring {prov.name} at {sname} ...", file=sys.stderr, flush=True)  # Triton: minutes
             t0 = time.perf_counter()
             cuda_side = cuda_backend_stand_in() if prov.name == "cumo-cuda" else contextlib.nullcontext()
             with cpu_stand_in(args.scale, args.torch_gemm), cuda_side:
