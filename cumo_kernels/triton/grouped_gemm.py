@@ -113,7 +113,7 @@ def _find_tile(offsets_ptr, E, pid, BM: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(
+def _row_tile(
     offsets_ptr,
     idx_ptr,
     E,
@@ -126,10 +126,11 @@ def _fwd_tile(
     BM: tl.constexpr,
     BN: tl.constexpr,
 ):
-    """The forward block's tile (both forward kernels): expert (-1 past the last tile) and first
-    row; rows (clamped to 0 where masked), their mask, slots (sort_idx of the rows with GATHER or
-    SCATTER, else the rows), A's rows (the slots' tokens with GATHER); columns, their mask; the
-    expert clamped to 0 for addressing."""
+    """A block's tile of grouped rows x output columns (both forward kernels, and dX with its
+    columns over K): expert (-1 past the last tile) and first row; rows (clamped to 0 where
+    masked), their mask, slots (sort_idx of the rows with GATHER or SCATTER, else the rows), A's
+    rows (the slots' tokens with GATHER); columns, their mask; the expert clamped to 0 for
+    addressing."""
     e_sel, row0, row_end = _find_tile(offsets_ptr, E, pid_m, BM)
     rows = row0 + tl.arange(0, BM)
     rmask = rows < row_end
@@ -208,7 +209,7 @@ def _grouped_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e_sel, row0, rows, rmask, slot, arow, cols, cmask, e_safe = _fwd_tile(
+    e_sel, row0, rows, rmask, slot, arow, cols, cmask, e_safe = _row_tile(
         offsets_ptr, idx_ptr, E, N, top_k, pid_m, pid_n, GATHER, SCATTER, BM, BN
     )
     w_base = w_ptr + e_safe * N * K
@@ -257,7 +258,7 @@ def _grouped_fwd_tma_kernel(
     past the tensors' ends."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e_sel, row0, rows, rmask, slot, arow, cols, cmask, e_safe = _fwd_tile(
+    e_sel, row0, rows, rmask, slot, arow, cols, cmask, e_safe = _row_tile(
         offsets_ptr, idx_ptr, E, N, top_k, pid_m, pid_n, GATHER, SCATTER, BM, BN
     )
     w_row = (e_safe * N + pid_n * BN).to(tl.int32)
@@ -327,16 +328,9 @@ def _grouped_dx_kernel(
     """dx[rows, ks] = sum_n g'[rows, n] * w[e, n, ks] (w[e] is [N, K])."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    e_sel, row0, row_end = _find_tile(offsets_ptr, E, pid_m, BM)
-    rows = row0 + tl.arange(0, BM)
-    rmask = rows < row_end
-    rows = tl.where(rmask, rows, 0)
-    slot = rows
-    if GATHER_G or SCATTER:
-        slot = tl.load(idx_ptr + rows, mask=rmask, other=0)
-    ks = pid_k * BK + tl.arange(0, BK)
-    kmask = ks < K
-    e_safe = tl.maximum(e_sel, 0)
+    e_sel, _, rows, rmask, slot, _, ks, kmask, e_safe = _row_tile(
+        offsets_ptr, idx_ptr, E, K, top_k, pid_m, pid_k, GATHER_G, SCATTER, BM, BK
+    )
     w_base = w_ptr + e_safe * N * K
     acc = tl.zeros([BM, BK], dtype=tl.float32)
     gw = tl.zeros([BM], dtype=tl.float32)
