@@ -5,6 +5,9 @@ the real compiler accepts (loop-carried types, dot shapes and dtypes, constexpr 
 One representative variant per kernel and option set, in bf16 (the dtype the interpreter cannot
 run) and fp32 (ieee dot). Runs in the plain (not interpreted) test run: under TRITON_INTERPRET=1
 the kernels are interpreted functions and cannot be handed to the compiler.
+
+Also the GEMM kernels' shared memory for sm90, compiled with every config of the autotune set:
+the estimate the autotuner prunes by is an upper bound, and what the prune keeps fits.
 """
 
 from __future__ import annotations
@@ -69,7 +72,9 @@ def _kernel(name: str):
     raise KeyError(name)
 
 
-def _compile(name: str, consts: dict, dtype: str, arch: int) -> None:
+def _compile(name: str, consts: dict, dtype: str, arch: int, options: dict | None = None, aligned: bool = False):
+    """The compiled kernel; `aligned`: as Triton specialises a launch whose pointers are 16-byte
+    aligned and whose N and K are multiples of 16 (wider loads, the pipeliner's async copies)."""
     fn = _kernel(name)
     sig = {}
     for arg in fn.arg_names:
@@ -85,8 +90,13 @@ def _compile(name: str, consts: dict, dtype: str, arch: int) -> None:
             )
         else:
             sig[arg] = "i32"
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 3})
+    attrs = {}
+    if aligned:
+        div16 = [["tt.divisibility", 16]]
+        attrs = {(i,): div16 for i, a in enumerate(fn.arg_names) if sig[a].startswith("*") or a in ("N", "K")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    opts = options or {"num_warps": 4, "num_stages": 3}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
 def _variants(arch: int) -> list:
@@ -105,3 +115,65 @@ def test_triton_kernels_compile_for_gpus(arch, dtype):
         except Exception as exc:  # noqa: BLE001 - collect every kernel's failure
             failures.append(f"{name} {consts}: {type(exc).__name__}: {str(exc)[:800]}")
     assert not failures, f"kernels that do not compile for sm{arch} {dtype}:\n" + "\n".join(failures)
+
+
+# The GEMM variants the ops launch, by the autotuned kernel whose estimate covers them (grouped
+# linear: plain; the fused gather / combine ops and their backward: GATHER, SCATTER, GATHER_G, GW).
+# The forward's variants differ only in the epilogue, and take the same memory (measured): one
+# non-TMA forward; the TMA forward with A gathered and through TMA.
+_GEMM = [
+    ("forward", "_grouped_fwd_kernel", dict(HAS_BIAS=True, ACT=1, GATHER=True, SCATTER=False, STORE_PRE=True)),
+    ("forward", "_grouped_fwd_tma_kernel", dict(HAS_BIAS=True, ACT=1, GATHER=True, SCATTER=False, STORE_PRE=True)),
+    ("forward", "_grouped_fwd_tma_kernel", dict(HAS_BIAS=True, ACT=0, GATHER=False, SCATTER=True, STORE_PRE=False)),
+    ("dX", "_grouped_dx_kernel", dict(ACT=1, GATHER_G=False, SCATTER=True, GW=False)),
+    ("dX", "_grouped_dx_kernel", dict(ACT=0, GATHER_G=True, SCATTER=False, GW=True)),
+    ("dX", "_grouped_dx_kernel", dict(ACT=0, GATHER_G=False, SCATTER=False, GW=False)),
+    ("dW", "_grouped_dw_kernel", dict(HAS_BIAS=True, ACT=1, GATHER_X=True, GATHER_G=False)),
+    ("dW", "_grouped_dw_kernel", dict(HAS_BIAS=True, ACT=0, GATHER_X=False, GATHER_G=True)),
+    ("dW", "_grouped_dw_kernel", dict(HAS_BIAS=True, ACT=1, GATHER_X=False, GATHER_G=False)),
+    ("dW", "_grouped_dw_kernel", dict(HAS_BIAS=False, ACT=0, GATHER_X=False, GATHER_G=False)),
+]
+# (dtype, dot precision, aligned): fp32 with ieee and tf32 dots (allow_tf32), fp16, bf16; fp32
+# also unaligned (a few of its kernels take a little more memory so).
+_DOTS = [
+    ("fp32", "ieee", True),
+    ("fp32", "tf32", True),
+    ("fp16", "ieee", True),
+    ("bf16", "ieee", True),
+    ("fp32", "ieee", False),
+    ("fp32", "tf32", False),
+]
+_ELT = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _gemm_id(v) -> str:
+    flags = "-".join(k.lower() for k, val in v[2].items() if val and k not in ("HAS_BIAS", "STORE_PRE"))
+    return f"{v[1].strip('_').removesuffix('_kernel')}-{flags or 'plain'}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dot", _DOTS, ids=lambda d: f"{d[0]}-{d[1]}-{'aligned' if d[2] else 'unaligned'}")
+@pytest.mark.parametrize("variant", _GEMM, ids=_gemm_id)
+def test_gemm_shared_memory_estimate_sm90(variant, dot):
+    """Each config of the autotune set, compiled for sm90: the kernel's shared memory (the compiled
+    metadata's `shared`) is at most the estimate the autotuner prunes by, and at most sm90's
+    limit for every config the prune keeps in this dtype."""
+    from cumo_kernels.triton import _common
+
+    kernel, name, consts = variant
+    dtype, prec, aligned = dot
+    est, elt, limit = gg.SMEM_ESTIMATES[kernel], _ELT[dtype], _common.SMEM_SM90
+    configs = gg._configs()
+    kept = [_common.config_meta(c) for c in _common.smem_fits(configs, est, elt, limit)]
+    failures, table = [], []
+    for cfg in configs:
+        meta = _common.config_meta(cfg)
+        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        shared = _compile(name, {**consts, "PREC": prec, **cfg.kwargs}, dtype, 90, opts, aligned).metadata.shared
+        want = est(meta, elt)
+        table.append(f"{cfg.kwargs} stages={cfg.num_stages}: {shared} B (estimate {want}, kept {meta in kept})")
+        if shared > want:
+            failures.append(f"{table[-1]}: over the estimate")
+        if meta in kept and shared > limit:
+            failures.append(f"{table[-1]}: kept by the prune, over the {limit} B limit")
+    assert not failures, f"{kernel} kernel {name} {consts} {dtype} {prec}:\n" + "\n".join(failures + ["all:"] + table)

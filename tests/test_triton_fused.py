@@ -380,19 +380,60 @@ def test_triton_every_autotune_config(device, backend, dtype, cfg):
     """Each config of the GEMM kernels' autotune set, forced, gives the layer (forward and every
     gradient) against the float64 oracle: the autotuner may pick any of them on a GPU, and tests
     otherwise run one (the interpreter's small tiles, or CUMO_TRITON_AUTOTUNE=0's). Ragged dims
-    below and above the tiles (E=6, 160 rows, dims 36 / 40 / 35), TMA forward included where on."""
+    below and above the tiles (E=6, 160 rows, dims 36 / 40 / 35), TMA forward included where on.
+    A config the autotuner prunes for this dtype (shared memory estimate over the device's limit;
+    sm90's in the interpreter) is skipped: forced, it would fail to launch."""
     if backend != "triton":
         pytest.skip("the triton backend's autotune set")
     skip_unsupported(device, backend, dtype)
     import test_moe_mlp
 
-    from cumo_kernels.triton import _common
+    from cumo_kernels.triton import _common, grouped_gemm
+
+    limit = _common.smem_limit(torch.device(device)) if device == "cuda" else _common.SMEM_SM90
+    pruned = grouped_gemm.smem_pruned(cfg, dtype, limit)
+    if pruned:
+        pytest.skip(f"{cfg.kwargs} ({cfg.num_stages} stages) is pruned from the autotune set: {pruned}")
 
     inputs = make_moe_inputs((2, 40), 36, 40, 35, 6, dtype=dtype, device=device, seed=6)
     with _common.forced_config(cfg):
         assert _common.explicit_meta({}) == _common.config_meta(cfg)
         test_moe_mlp.check_moe(inputs, 2, "quick_gelu", dtype, device, backend, seed=6)
     assert _common._forced is None
+
+
+def test_triton_autotune_smem_prune():
+    """The autotuner's early_config_prune keeps, per launch dtype, the configs whose shared memory
+    estimate fits (sm90 here: no GPU): fp32 loses the BM128 x BN128 configs of dX and dW, fp16
+    keeps all; it takes Triton's call (configs, named_args, **kwargs) and never returns none.
+    Outside the interpreter, the autotuned kernels carry it and Triton's own prune step runs it."""
+    _triton()
+    from triton.runtime.autotuner import Autotuner
+
+    from cumo_kernels.triton import _common, grouped_gemm
+
+    configs = grouped_gemm._configs()
+    big = [c for c in configs if c.kwargs["BM"] == c.kwargs["BN"] == 128]
+    prune = _common.smem_pruner(grouped_gemm.smem_dx)
+    f32 = prune(configs, {"g_ptr": torch.empty(2), "N": 16}, extra=1)
+    assert f32 == [c for c in configs if c not in big] and big
+    assert prune(configs, {"g_ptr": torch.empty(2, dtype=torch.float16)}) == configs
+    assert prune(configs, named_args={"g_ptr": torch.empty(2)}) == f32
+    assert prune(configs, {}) == f32  # no tensor: 4-byte elements
+    smallest = _common.smem_fits(configs, grouped_gemm.smem_dw, 4, 1024)
+    assert smallest == [configs[0]]
+    for cfg in big:
+        reason = grouped_gemm.smem_pruned(cfg, torch.float32, _common.SMEM_SM90)
+        assert reason and "dX" in reason and str(_common.SMEM_SM90) in reason
+        assert grouped_gemm.smem_pruned(cfg, torch.bfloat16, _common.SMEM_SM90) is None
+    if _common.AUTOTUNE:
+        for kernel in (grouped_gemm._fwd, grouped_gemm._fwd_tma, grouped_gemm._dx, grouped_gemm._dw):
+            assert isinstance(kernel, Autotuner) and kernel.early_config_prune is not None
+        grouped_gemm._dx.nargs = {"g_ptr": torch.empty(2)}
+        try:
+            assert [c.kwargs for c in grouped_gemm._dx.prune_configs({})] == [c.kwargs for c in f32]
+        finally:
+            grouped_gemm._dx.nargs = None
 
 
 @pytest.mark.skipif(not INTERPRET, reason="checks the TMA variant in the Triton interpreter (TRITON_INTERPRET=1)")

@@ -1,7 +1,8 @@
 """Shared pieces of the Triton backend: interpreter detection, dtype checks, dot precision,
 the activations (forward and derivative, in float32) as `@triton.jit` helpers, and launch-config
 selection (one fixed config under the interpreter or with CUMO_TRITON_AUTOTUNE=0, a small
-autotuned set on GPUs, any config of that set forced by tests)."""
+autotuned set on GPUs, pruned to the configs whose estimated shared memory fits the device, any
+config of that set forced by tests)."""
 
 from __future__ import annotations
 
@@ -58,15 +59,72 @@ GPU_FIXED: dict = {"BM": 64, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 3
 _forced: dict | None = None
 
 
-def autotuned(kernel, configs: list, key: list[str]):
-    """`kernel` autotuned over `configs` on GPUs; under the interpreter or with
+SMEM_SM90 = 232448
+"""Shared memory one block may opt into on sm90 (227 KB): the limit of the configs tests force
+where no GPU says its own (the interpreter)."""
+
+# Opt-in shared memory per block by compute capability, where neither torch nor Triton's driver
+# reports it; other GPUs get sm75's 64 KB, the least of the GPUs Triton compiles for.
+_SMEM_BY_ARCH = {(8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): SMEM_SM90}
+
+
+@functools.cache
+def _device_smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    if optin:
+        return int(optin)
+    try:
+        from triton.runtime import driver
+
+        return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # noqa: BLE001 - any driver failure: the table below
+        return _SMEM_BY_ARCH.get((props.major, props.minor), 65536)
+
+
+def smem_limit(device: torch.device | None = None) -> int:
+    """Bytes of shared memory one block may use on `device` (its opt-in maximum; a CUDA device,
+    else the current CUDA device), SMEM_SM90 where there is no CUDA device."""
+    if device is not None and device.type == "cuda":
+        return _device_smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+    if torch.cuda.is_available():
+        return _device_smem_limit(torch.cuda.current_device())
+    return SMEM_SM90
+
+
+def smem_fits(configs: list, estimate, elt: int, limit: int) -> list:
+    """The configs whose `estimate(meta, elt)` (meta: `config_meta`) is at most `limit` bytes;
+    never none: the config of the smallest estimate stays when none fits (its launch then fails
+    with Triton's OutOfResources, which names the real need)."""
+    kept = [c for c in configs if estimate(config_meta(c), elt) <= limit]
+    return kept or [min(configs, key=lambda c: estimate(config_meta(c), elt))]
+
+
+def smem_pruner(estimate):
+    """An `early_config_prune` for triton.autotune: keeps the configs `smem_fits` keeps, for the
+    element size of the launch's first tensor argument and that tensor's device. Triton calls it
+    as fn(configs, named_args, **kwargs) (3.x; older releases without kwargs)."""
+
+    def early_config_prune(configs, named_args=None, *_, **kwargs):
+        values = [*(named_args.values() if isinstance(named_args, dict) else ()), *kwargs.values()]
+        t = next((v for v in values if isinstance(v, torch.Tensor)), None)
+        elt = t.element_size() if t is not None else 4
+        return smem_fits(list(configs), estimate, elt, smem_limit(t.device if t is not None else None))
+
+    return early_config_prune
+
+
+def autotuned(kernel, configs: list, key: list[str], smem=None):
+    """`kernel` autotuned over `configs` on GPUs, pruned (before any is compiled) to those whose
+    shared memory, `smem(meta, element size)` bytes, fits the device; under the interpreter or with
     CUMO_TRITON_AUTOTUNE=0, the kernel itself (autotune with more than one config fails in the
     interpreter), launched with explicit meta-parameters (see `explicit_meta`)."""
     if not AUTOTUNE:
         return kernel
+    prune = {"early_config_prune": smem_pruner(smem)} if smem is not None else None
     # cache_results: the timings go to Triton's on-disk cache, so a new process (a second
     # benchmark run, a restarted job) does not time every config again
-    return triton.autotune(configs=configs, key=key, cache_results=True)(kernel)
+    return triton.autotune(configs=configs, key=key, prune_configs_by=prune, cache_results=True)(kernel)
 
 
 def config_meta(cfg: triton.Config) -> dict:

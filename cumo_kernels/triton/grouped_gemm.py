@@ -36,10 +36,12 @@ from ._common import (
     act_grad,
     autotuned,
     check_dtype,
+    config_meta,
     dot_precision,
     explicit_meta,
     launch,
     on_tensor_device,
+    smem_fits,
 )
 
 _FIXED = {"BM": 16, "BN": 16, "BK": 16}
@@ -61,6 +63,36 @@ def _configs() -> list:
 
 
 _KEY = ["N", "K", "M_BUCKET"]
+
+# Shared memory per kernel and element size, a model of Triton's software pipeliner (3.6) kept an
+# upper bound of the compiled kernels' allocation by tests/test_triton_compile.py (sm90, every
+# variant the ops launch, fp32 with ieee and tf32 dots, fp16, bf16; divisible-by-16 dims): a tile
+# the dot reads straight from global memory has num_stages buffers (Hopper's asynchronous MMA keeps
+# one more than the loads in flight), a tile consumed by register math first (dX and dW's gradient
+# when it is scaled by act'(pre) or a routing weight, and the pre-activation) num_stages - 1, and
+# a tile computed in registers that the dot reads back through shared memory one. _SMEM_SLACK
+# covers the pipeline's and TMA's barriers (tens of bytes) and alignment. In fp32 the BM128 x BN128
+# configs of dX and dW exceed sm90's 227 KB (measured 360-393 KB); the autotuner never tries them.
+_SMEM_SLACK = 1024
+
+
+def smem_fwd(meta: dict, elt: int) -> int:
+    """Forward (either kernel): A's BM x BK and W's BN x BK tiles per stage."""
+    return meta["num_stages"] * (meta["BM"] + meta["BN"]) * meta["BK"] * elt + _SMEM_SLACK
+
+
+def smem_dx(meta: dict, elt: int) -> int:
+    """dX: W's BN x BK tile (num_stages buffers) and the gradient: num_stages buffers where it
+    goes straight into the dot, else num_stages - 1 of it and of the pre-activation and one of the
+    scaled gradient, 2 * num_stages - 1 BM x BN tiles (the larger for any num_stages >= 1)."""
+    s, bm, bn, bk = meta["num_stages"], meta["BM"], meta["BN"], meta["BK"]
+    return (s * bn * bk + (2 * s - 1) * bm * bn) * elt + _SMEM_SLACK
+
+
+def smem_dw(meta: dict, elt: int) -> int:
+    """dW: x's BM x BK tile per stage, and the gradient tiles as in dX."""
+    s, bm, bn, bk = meta["num_stages"], meta["BM"], meta["BN"], meta["BK"]
+    return (s * bm * bk + (2 * s - 1) * bm * bn) * elt + _SMEM_SLACK
 
 
 def _tma_block_shapes(nargs: dict) -> None:
@@ -411,10 +443,24 @@ def _grouped_dw_kernel(
         tl.store(db_ptr + e * N + ns, db.to(db_ptr.dtype.element_ty), mask=nmask & (pid_k == 0))
 
 
-_fwd = autotuned(_grouped_fwd_kernel, _configs(), _KEY)
-_fwd_tma = autotuned(_grouped_fwd_tma_kernel, _tma_configs(), _KEY)
-_dx = autotuned(_grouped_dx_kernel, _configs(), _KEY)
-_dw = autotuned(_grouped_dw_kernel, _configs(), _KEY)
+_fwd = autotuned(_grouped_fwd_kernel, _configs(), _KEY, smem_fwd)
+_fwd_tma = autotuned(_grouped_fwd_tma_kernel, _tma_configs(), _KEY, smem_fwd)
+_dx = autotuned(_grouped_dx_kernel, _configs(), _KEY, smem_dx)
+_dw = autotuned(_grouped_dw_kernel, _configs(), _KEY, smem_dw)
+
+SMEM_ESTIMATES = {"forward": smem_fwd, "dX": smem_dx, "dW": smem_dw}
+"""The shared memory estimate of each autotuned GEMM kernel (the TMA forward: `smem_fwd`)."""
+
+
+def smem_pruned(cfg: triton.Config, dtype: torch.dtype, limit: int) -> str | None:
+    """Why the autotune prune drops `cfg` for one of the GEMM kernels in `dtype` under `limit`
+    bytes of shared memory (tests skip forcing it), or None where every kernel keeps it."""
+    elt, meta = dtype.itemsize, config_meta(cfg)
+    for name, est in SMEM_ESTIMATES.items():
+        if meta not in [config_meta(c) for c in smem_fits(_configs(), est, elt, limit)]:
+            need, dt = est(meta, elt), str(dtype).removeprefix("torch.")
+            return f"the {name} kernel needs an estimated {need} B of shared memory in {dt}, over the {limit} B limit"
+    return None
 
 
 def _bucket(m: int) -> int:
