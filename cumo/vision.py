@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +103,32 @@ def collect_aux_losses(model: nn.Module) -> tuple[Tensor, Tensor]:
     balance = torch.stack([a[0] for a in aux]).mean()
     z = torch.stack([a[1] for a in aux]).mean()
     return balance, z
+
+
+def enable_activation_checkpointing(model: nn.Module, *, use_reentrant: bool = False, **kwargs: Any) -> nn.Module:
+    """Turn on transformers' activation (gradient) checkpointing of `model`'s layers, and return it.
+
+    transformers renamed the entry point during 5.x: 5.17 has only
+    `gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)`; later releases (5.23, for
+    one) have `activation_checkpointing_enable(activation_checkpointing_kwargs=...)` and keep the
+    old name as a deprecated alias (a FutureWarning; to go in v6). This calls whichever the
+    installed version has, the new one first. `use_reentrant` goes to `torch.utils.checkpoint.checkpoint`; other
+    keyword arguments (`every_n_layers`, `offload` where the version has them) are passed through.
+    The converted CLIP-MoE layers keep their aux losses and gradients either way.
+    """
+    ckpt_kwargs = {"use_reentrant": use_reentrant}
+    new = getattr(model, "activation_checkpointing_enable", None)
+    if callable(new):
+        new(activation_checkpointing_kwargs=ckpt_kwargs, **kwargs)
+        return model
+    old = getattr(model, "gradient_checkpointing_enable", None)
+    if callable(old):
+        old(gradient_checkpointing_kwargs=ckpt_kwargs, **kwargs)
+        return model
+    raise TypeError(
+        f"model: {type(model).__name__} has neither activation_checkpointing_enable nor "
+        "gradient_checkpointing_enable (expected a transformers PreTrainedModel)"
+    )
 
 
 def _read_weights(path: str) -> dict[str, Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -207,7 +208,10 @@ def test_gradient_checkpointing_keeps_losses_and_gradients(reentrant):
     scramble_gates(model, 9)
     perturb_experts(model, 10)
     ckpt = copy.deepcopy(model)
-    ckpt.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    with warnings.catch_warnings():
+        # the helper takes the current API name: no deprecation warning on any transformers 5.x
+        warnings.simplefilter("error", FutureWarning)
+        assert cumo.enable_activation_checkpointing(ckpt, use_reentrant=reentrant) is ckpt
     assert all(layer.gradient_checkpointing for layer in ckpt.encoder.layers)
     x = pixels(seed=11)
     results, calls = [], []
@@ -231,6 +235,39 @@ def test_gradient_checkpointing_keeps_losses_and_gradients(reentrant):
     for name, grad in g0.items():
         torch.testing.assert_close(g1[name], grad, rtol=1e-5, atol=1e-6, msg=name)
     assert g1["encoder.layers.0.mlp.gate.weight"].abs().sum() > 0
+
+
+# transformers 5.17 has gradient_checkpointing_enable only; later 5.x add activation_checkpointing_enable
+# and keep the old name as a deprecated alias. Each entry point this version has must work.
+CHECKPOINTING_APIS = (
+    ("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
+    ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs"),
+)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("method, kwarg", CHECKPOINTING_APIS, ids=[m for m, _ in CHECKPOINTING_APIS])
+def test_transformers_checkpointing_entry_points_on_a_converted_model(method, kwarg):
+    if not hasattr(CLIPVisionModel, method):
+        pytest.skip(f"transformers {transformers.__version__} has no {method}")
+    model = cumo.convert_clip_to_moe(tiny_clip(4)).train()
+    getattr(model, method)(**{kwarg: {"use_reentrant": True}})
+    for layer in model.encoder.layers:
+        assert layer.gradient_checkpointing
+        assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": True}
+    calls = [0]
+    model.encoder.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    out = model(pixels(seed=11))
+    balance, z = cumo.collect_aux_losses(model)
+    (out.last_hidden_state.square().mean() + balance + z).backward()
+    assert calls[0] == 2  # recomputed in the backward
+    assert model.encoder.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_enable_activation_checkpointing_needs_a_transformers_model():
+    assert any(hasattr(CLIPVisionModel, m) for m, _ in CHECKPOINTING_APIS)
+    with pytest.raises(TypeError, match="gradient_checkpointing_enable"):
+        cumo.enable_activation_checkpointing(torch.nn.Linear(2, 2))
 
 
 def test_save_pretrained_then_cumo_from_pretrained_keeps_the_moe(tmp_path):
