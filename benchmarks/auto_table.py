@@ -7,10 +7,15 @@ For every (shape, pass) of each CUDA result file, the cumo backends that were ti
 cumo_kernels/auto_table.json, which the package ships) is what `auto` reads on a GPU; point
 $CUMO_KERNELS_AUTO_TABLE at another file to use your own measurements.
 
-A result file whose test run had failures is refused unless --allow-failed-tests: auto should
-not prefer a backend on the strength of a run in which something was wrong. CPU result files are
-skipped (auto on CPU tensors is always the torch backend). Where several files measured the same
-(device, dtype, pass, shape), the newest (by its `date`) wins.
+A CUDA result file is refused unless its run is known good: auto should not prefer a backend on
+the strength of a run in which something was wrong or that checked nothing. Its `tests` record
+(benchmarks/suite_tools.py) must be present, not `interrupted`, with pytest's exit code 0 (not 1,
+failures; 2-4; nor 5, no tests collected), `failed` 0 and at least one test passed; and no
+`sanitizer` tool may have status "errors", "failed" or "timeout" ("clean", "skipped", "not run",
+or no sanitizer record at all, are fine). --allow-failed-tests takes the timings anyway (the
+reasons are printed). CPU result files are skipped (auto on CPU tensors is always the torch
+backend). Where several files measured the same (device, dtype, pass, shape), the newest (by its
+`date`) wins.
 """
 
 from __future__ import annotations
@@ -68,6 +73,47 @@ def entries_of(doc: dict, source: str) -> list[dict]:
     return out
 
 
+SANITIZER_BAD = ("errors", "failed", "timeout")
+RC_MEANING = {1: "tests failed", 2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
+
+
+def _count(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def run_problems(doc: dict) -> list[str]:
+    """Why a result document's test and sanitizer records do not show a good run (empty: they do)."""
+    problems = []
+    tests = doc.get("tests")
+    if not isinstance(tests, dict):
+        problems.append("it records no test run (`tests` is null or missing): run the tests with the benchmarks")
+    else:
+        rc = tests.get("exit_code")
+        if tests.get("interrupted"):
+            problems.append(f"its test run was interrupted ({tests['interrupted']})")
+        if rc is None:
+            problems.append(
+                "its test record has no pytest exit code (`tests.exit_code`), so it cannot show a finished run"
+            )
+        elif rc != 0:
+            why = RC_MEANING.get(rc, "killed at the suite's time limit" if rc in (124, 130, 137) else "unknown")
+            problems.append(f"its test run exited {rc} ({why}), not 0")
+        failed = _count(tests.get("failed"))
+        if failed is None or failed > 0:
+            problems.append(f"its test run had {tests.get('failed')} failures")
+        passed = _count(tests.get("passed"))
+        if passed is None or passed < 1:
+            problems.append(f"its test run passed {tests.get('passed')} tests (at least one must pass)")
+    sanitizer = doc.get("sanitizer")
+    if isinstance(sanitizer, dict):
+        for tool, rec in sorted(sanitizer.items()):
+            status = rec.get("status") if isinstance(rec, dict) else None
+            if status in SANITIZER_BAD:
+                reason = rec.get("reason") or (f"{rec.get('errors')} errors" if status == "errors" else "")
+                problems.append(f"sanitizer {tool}: {status}" + (f" ({reason})" if reason else ""))
+    return problems
+
+
 def _when(date: str) -> dt.datetime:
     """A result file's ISO date, as UTC where it names no zone (so that dates compare)."""
     d = dt.datetime.fromisoformat(date)
@@ -86,12 +132,14 @@ def build(paths: list[Path], allow_failed_tests: bool = False) -> tuple[dict, li
         if doc.get("device_type") != "cuda":
             notes.append(f"{path}: skipped, a {doc.get('device_type')} run (auto on CPU tensors is the torch backend)")
             continue
-        tests = doc.get("tests")
-        if tests and tests.get("failed", 0) > 0 and not allow_failed_tests:
+        problems = run_problems(doc)
+        if problems and not allow_failed_tests:
             raise ValueError(
-                f"{path}: its test run had {tests['failed']} failures; fix them first, or pass "
+                f"{path}: refused: " + "; ".join(problems) + ". Fix that and rerun, or pass "
                 "--allow-failed-tests to take its timings anyway"
             )
+        for problem in problems:
+            notes.append(f"{path}: taken despite: {problem} (--allow-failed-tests)")
         for e in entries_of(doc, str(path)):
             key = (e["device"], e["dtype"], e["pass"], e["tokens"], e["in"], e["hidden"], e["out"], e["experts"])
             key += (e["top_k"], str(e["activation"]), str(e["samples"]))
@@ -107,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.auto_table", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", type=Path, help="result files of python -m benchmarks (GPU runs)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"table to write (default {DEFAULT_OUT})")
-    p.add_argument("--allow-failed-tests", action="store_true", help="take timings from runs with test failures")
+    p.add_argument(
+        "--allow-failed-tests",
+        action="store_true",
+        help="take timings from runs whose tests or sanitizer were not clean (absent, interrupted, failed)",
+    )
     args = p.parse_args(argv)
     try:
         doc, notes = build(args.results, args.allow_failed_tests)

@@ -22,7 +22,8 @@ CONN = {"in": 2048, "hidden": 4096, "out": 4096, "experts": 4, "top_k": 2}
 
 
 def _result_doc(times: dict, *, device_type="cuda", failed=0, date="2026-11-23T00:00:00+00:00") -> dict:
-    """A synthetic GPU result file: times[(shape, pass)] = {provider: ms}."""
+    """A synthetic GPU result file: times[(shape, pass)] = {provider: ms}, with the `tests` and
+    `sanitizer` records of a good suite run (benchmarks/suite_tools.py's shapes)."""
     shapes = {
         "clip-train": dict(CLIP, tokens=23080),
         "connector-infer": dict(CONN, tokens=576),
@@ -43,8 +44,12 @@ def _result_doc(times: dict, *, device_type="cuda", failed=0, date="2026-11-23T0
         "commit": "abc",
         "date": date,
         "ceilings": {"matmul_tflops": 700.0, "copy_gbps": 3000.0},
-        "tests": {"passed": 10, "failed": failed, "skipped": 0},
-        "sanitizer": None,
+        "tests": {"passed": 10, "failed": failed, "skipped": 0, "exit_code": 1 if failed else 0},
+        "sanitizer": {
+            "memcheck": {"status": "clean", "errors": 0, "exit_code": 0, "case_completed": True},
+            "racecheck": {"status": "skipped", "reason": "Device not supported", "exit_code": 1},
+            "initcheck": {"status": "not run", "reason": "no time left"},
+        },
         "shapes": shapes,
         "results": rows,
     }
@@ -86,6 +91,56 @@ def test_table_refuses_failed_tests_and_skips_cpu_runs(tmp_path, capsys):
     assert not (tmp_path / "t2.json").exists()
     invalid = _write(tmp_path, "invalid.json", {"device": "x"})
     assert auto_table.main([str(invalid)]) == 2
+
+
+SANITIZER_CLEAN = {"status": "clean", "errors": 0, "exit_code": 0, "case_completed": True}
+GOOD = "good"  # keep _result_doc's record
+
+
+@pytest.mark.parametrize(
+    "tests, sanitizer, reason",
+    [
+        (None, None, "records no test run"),
+        (
+            {"passed": 40, "failed": 0, "skipped": 1, "exit_code": 124, "interrupted": "hit the time limit"},
+            None,
+            "interrupted",
+        ),
+        ({"passed": 0, "failed": 0, "skipped": 0, "exit_code": 5}, None, "no tests collected"),
+        ({"passed": 0, "failed": 0, "skipped": 3, "exit_code": 0}, None, "at least one must pass"),
+        ({"passed": 9, "failed": 0, "skipped": 0, "exit_code": 2, "note": "pytest exited 2"}, None, "exited 2"),
+        ({"passed": 9, "failed": 0, "skipped": 0}, None, "no pytest exit code"),
+        ({"passed": 9, "failed": 1, "skipped": 0, "exit_code": 1}, None, "1 failures"),
+        (GOOD, {"memcheck": dict(SANITIZER_CLEAN, status="errors", errors=3)}, "sanitizer memcheck: errors (3 errors)"),
+        (GOOD, {"racecheck": {"status": "timeout", "reason": "killed at the limit"}}, "sanitizer racecheck: timeout"),
+        (GOOD, {"initcheck": {"status": "failed", "reason": "the case raised"}}, "sanitizer initcheck: failed"),
+    ],
+)
+def test_table_refuses_runs_not_known_good(tmp_path, capsys, tests, sanitizer, reason):
+    """Interrupted, absent, empty or failed test runs, and failed sanitizer tools, are refused,
+    with the reason; --allow-failed-tests takes the timings anyway and says what it overlooked."""
+    doc = _result_doc(TIMES)
+    if tests is not GOOD:
+        doc["tests"] = tests
+    if sanitizer is not None:
+        doc["sanitizer"] = dict(doc["sanitizer"], **sanitizer)
+    src = _write(tmp_path, "r.json", doc)
+    out = tmp_path / "t.json"
+    assert auto_table.main([str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and reason in err, err
+    assert not out.exists()
+    assert auto_table.main([str(src), "--out", str(out), "--allow-failed-tests"]) == 0
+    assert "taken despite" in capsys.readouterr().out and out.exists()
+
+
+def test_table_takes_runs_whose_sanitizer_was_skipped_or_absent(tmp_path):
+    doc = _result_doc(TIMES)
+    assert auto_table.run_problems(doc) == []  # clean, skipped and not run tools
+    doc["sanitizer"] = None
+    assert auto_table.run_problems(doc) == []
+    out = tmp_path / "t.json"
+    assert auto_table.main([str(_write(tmp_path, "r.json", doc)), "--out", str(out)]) == 0
 
 
 def test_newest_file_wins(tmp_path):
