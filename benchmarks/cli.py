@@ -83,9 +83,12 @@ def junit_counts(path: str) -> dict[str, Any]:
 
 
 def _git_commit() -> tuple[str, bool | None]:
+    """(commit, dirty). A copy of the tree without .git (the device's) names them in CUMO_COMMIT
+    and CUMO_COMMIT_DIRTY ("0"/"1"; dirty is null when that is unset)."""
     env = os.environ.get("CUMO_COMMIT")
     if env:
-        return env, None
+        flag = os.environ.get("CUMO_COMMIT_DIRTY")
+        return env, None if flag not in ("0", "1") else flag == "1"
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
@@ -115,6 +118,32 @@ def _device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"CPU: {model} ({torch.get_num_threads()} threads)"
+
+
+def _machine() -> dict[str, Any]:
+    """The GPU driver, the kernel and the sandbox runtime it implies, the extension's build."""
+    out: dict[str, Any] = {"kernel": platform.release(), "driver": None, "runtime": None, "cuda_ext_build": None}
+    rel = out["kernel"]
+    # The device tool's machines: Firecracker kernels are named "...-fc-..."; gVisor reports 4.4.0.
+    out["runtime"] = "firecracker" if "-fc-" in rel else "gvisor" if rel.startswith("4.4.0") else "unknown"
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        if smi.returncode == 0 and smi.stdout.strip():
+            out["driver"] = smi.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from cumo_kernels import _cuda
+
+        out["cuda_ext_build"] = _cuda.build_info()
+    except Exception as exc:
+        out["cuda_ext_build"] = f"not importable ({type(exc).__name__}: {exc})"[:300]
+    return out
 
 
 def _versions() -> dict[str, Any]:
@@ -196,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
         "cuda": vers["cuda"],
         "cumo_kernels": vers["cumo_kernels"],
         "python": platform.python_version(),
+        **_machine(),
         "commit": commit,
         "commit_dirty": dirty,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -350,6 +380,8 @@ def run(args: argparse.Namespace) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             del ready
+        if args.plot and device.type == "cuda":
+            report.plot(doc, args.plot)  # after every shape: a run cut off still returns its plot
         for t in inp.params():
             t.grad = None
         del inp, ref

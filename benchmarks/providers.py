@@ -145,7 +145,7 @@ def _grads_of(outs: tuple[Tensor, Tensor, Tensor], inp: Inputs) -> list[Tensor |
 def make_call(provider: Provider, shape: Shape, inp: Inputs, pass_: str) -> Callable[[], object]:
     """The zero-argument callable that the timer runs for one (provider, shape, pass)."""
     if provider.is_dense:
-        return _dense_call(shape, inp, pass_)
+        return _dense_call(shape, inp, pass_, activation=provider.name == "dense-mlp")
     fwd = provider.forward
     assert fwd is not None
     if pass_ == "fwd":
@@ -164,8 +164,10 @@ def make_call(provider: Provider, shape: Shape, inp: Inputs, pass_: str) -> Call
     return run_fwd_bwd
 
 
-def _dense_call(shape: Shape, inp: Inputs, pass_: str) -> Callable[[], object]:
-    """Dense GEMMs of the same FLOPs: x[T*k, in] @ W1^T, act, @ W2^T (torch.mm; backward via autograd)."""
+def _dense_call(shape: Shape, inp: Inputs, pass_: str, activation: bool = False) -> Callable[[], object]:
+    """Dense GEMMs of the same FLOPs: x[T*k, in] @ W1^T, then @ W2^T (torch.mm; backward via
+    autograd: the four gradient GEMMs). `dense` is the pure-GEMM ceiling; `dense-mlp`
+    (activation=True) puts the shape's unfused activation between the two products."""
     g = torch.Generator(device="cpu").manual_seed(1)
     m = shape.tokens * shape.top_k
     dev, dt = inp.x.device, inp.x.dtype
@@ -177,10 +179,11 @@ def _dense_call(shape: Shape, inp: Inputs, pass_: str) -> Callable[[], object]:
     w1 = rnd(shape.d_in, shape.hidden, scale=shape.d_in**-0.5)  # W1^T
     w2 = rnd(shape.hidden, shape.d_out, scale=shape.hidden**-0.5)  # W2^T
     dy = rnd(m, shape.d_out)
-    act = ACT[shape.activation]
+    act = ACT[shape.activation] if activation else None
 
     def fwd() -> Tensor:
-        return torch.mm(act(torch.mm(xd, w1)), w2)
+        h = torch.mm(xd, w1)
+        return torch.mm(h if act is None else act(h), w2)
 
     if pass_ == "fwd":
 
@@ -295,6 +298,7 @@ ALL_NAMES = (
     "cumo-loop",
     "grouped_mm",
     "dense",
+    "dense-mlp",
     "scattermoe",
     "megablocks",
 )
@@ -328,7 +332,7 @@ def providers_for(device: torch.device, wanted: list[str] | None) -> tuple[list[
             out.append(Provider(name, loop_forward))
         elif name == "grouped_mm":
             out.append(Provider(name, grouped_mm_forward, _grouped_mm_refusal))
-        elif name == "dense":
+        elif name in ("dense", "dense-mlp"):
             out.append(Provider(name, None, is_dense=True))
         elif name == "scattermoe":
             if _importable("scattermoe"):

@@ -113,8 +113,11 @@ def plot(doc: dict[str, Any], path: str) -> str | None:
         ax.set_title(f"{p} - {doc['device']} - {doc.get('dtype', '')}", fontsize=9)
         ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # Written beside, then renamed: a run killed while saving leaves the previous plot whole.
+    tmp = path + ".part.png"
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.replace(tmp, path)
     return None
 
 

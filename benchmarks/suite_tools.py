@@ -1,8 +1,11 @@
 """Helpers of benchmarks/gpu_suite.sh: turn the pytest and compute-sanitizer logs into the
-`tests` and `sanitizer` objects of the result JSON.
+`tests` and `sanitizer` objects of the result JSON, and put them into the result file.
 
-    python -m benchmarks.suite_tools tests JUNIT_XML PYTEST_LOG RC OUT_JSON
+    python -m benchmarks.suite_tools tests OUT_JSON NAME JUNIT_XML PYTEST_LOG RC [NAME JUNIT_XML PYTEST_LOG RC ...]
     python -m benchmarks.suite_tools sanitizer LOG_DIR OUT_JSON   (reads LOG_DIR/sanitizer-<tool>.log, .rc)
+    python -m benchmarks.suite_tools finalize RESULTS_JSON TESTS_JSON SANITIZER_JSON
+        (the records into RESULTS_JSON; a valid result file with no rows when the benchmark
+        never wrote one; a missing record file leaves that field as it is, or null)
 """
 
 from __future__ import annotations
@@ -47,6 +50,116 @@ def tests_record(junit: str, log: str, rc: int) -> dict[str, Any]:
     return rec
 
 
+BACKENDS = ("cuda", "triton", "torch", "auto")
+
+
+def backend_of(classname: str, name: str) -> str:
+    """The backend a CUDA test exercises, from its junit classname and name: the `cuda-<backend>`
+    parameter id, else the GPU-only file it is in (test_cuda_* the extension, test_triton_* Triton)."""
+    m = re.search(r"\bcuda-(cuda|triton|torch|auto)\b", name)
+    if m:
+        return m.group(1)
+    if "test_cuda" in classname:
+        return "cuda"
+    if "test_triton" in classname:
+        return "triton"
+    return "other"
+
+
+def junit_by_backend(path: str) -> dict[str, dict[str, int]]:
+    """{backend: {passed, failed, skipped}} over the testcases of a junit XML."""
+    import xml.etree.ElementTree as ET
+
+    out: dict[str, dict[str, int]] = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        b = backend_of(case.get("classname", ""), case.get("name", ""))
+        rec = out.setdefault(b, {"passed": 0, "failed": 0, "skipped": 0})
+        kids = {c.tag for c in case}
+        if kids & {"failure", "error"}:
+            rec["failed"] += 1
+        elif "skipped" in kids:
+            rec["skipped"] += 1
+        else:
+            rec["passed"] += 1
+    return out
+
+
+def tests_phases(phases: list[tuple[str, str, str, int]]) -> dict[str, Any]:
+    """The `tests` record of several pytest runs (name, junit, log, rc), in the order they ran:
+    the sums, each phase's own record, counts per backend, and `interrupted` when any phase hit its
+    time limit. `exit_code` is 0 only when every phase exited 0."""
+    total: dict[str, Any] = {"passed": 0, "failed": 0, "skipped": 0, "phases": {}, "by_backend": {}}
+    worst = 0
+    for name, junit, log, rc in phases:
+        rec = tests_record(junit, log, rc)
+        total["phases"][name] = rec
+        for k in ("passed", "failed", "skipped"):
+            total[k] += rec[k]
+        if rc != 0 and worst == 0:
+            worst = rc
+        if "interrupted" in rec:
+            total["interrupted"] = f"phase {name}: {rec['interrupted']}"
+        if os.path.exists(junit):
+            try:
+                for b, c in junit_by_backend(junit).items():
+                    acc = total["by_backend"].setdefault(b, {"passed": 0, "failed": 0, "skipped": 0})
+                    for k in acc:
+                        acc[k] += c[k]
+            except Exception as exc:
+                print(f"suite_tools: {junit}: no per-backend counts ({exc})", file=sys.stderr)
+    total["exit_code"] = worst
+    total["total"] = total["passed"] + total["failed"] + total["skipped"]
+    return total
+
+
+def finalize(results: str, tests_json: str, sanitizer_json: str) -> dict[str, Any]:
+    """Put the tests and sanitizer records into the result file (written atomically); when the
+    benchmark never wrote one, write a valid file with no rows that says why."""
+    from . import report
+    from .cli import _device_name, _git_commit, _machine, _versions
+
+    if os.path.exists(results):
+        with open(results) as fh:
+            doc = json.load(fh)
+    else:
+        import datetime as dt
+        import platform
+
+        import torch
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        commit, dirty = _git_commit()
+        vers = _versions()
+        doc = {
+            "schema": "cumo-kernels-bench/1",
+            "device": _device_name(device),
+            "device_type": device.type,
+            "torch": vers["torch"],
+            "triton": vers["triton"],
+            "cuda": vers["cuda"],
+            "cumo_kernels": vers["cumo_kernels"],
+            "python": platform.python_version(),
+            **_machine(),
+            "commit": commit,
+            "commit_dirty": dirty,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "ceilings": {"matmul_tflops": None, "copy_gbps": None},
+            "tests": None,
+            "sanitizer": None,
+            "shapes": {},
+            "results": [],
+            "skipped": [],
+            "complete": False,
+            "note": "the benchmark step did not run or wrote nothing before it was stopped (see logs.tar.gz)",
+        }
+    for key, path in (("tests", tests_json), ("sanitizer", sanitizer_json)):
+        if os.path.exists(path):
+            with open(path) as fh:
+                doc[key] = json.load(fh)
+    report.write_json(doc, results)
+    return doc
+
+
 def sanitizer_record(logdir: str, tool: str) -> dict[str, Any]:
     log = os.path.join(logdir, f"sanitizer-{tool}.log")
     rc_file = os.path.join(logdir, f"sanitizer-{tool}.rc")
@@ -88,9 +201,14 @@ def sanitizer_record(logdir: str, tool: str) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 5 and argv[0] == "tests":
-        rec = tests_record(argv[1], argv[2], int(argv[3]))
-        out = argv[4]
+    if len(argv) >= 6 and argv[0] == "tests" and (len(argv) - 2) % 4 == 0:
+        out = argv[1]
+        rest = argv[2:]
+        rec = tests_phases([(rest[i], rest[i + 1], rest[i + 2], int(rest[i + 3])) for i in range(0, len(rest), 4)])
+    elif len(argv) == 4 and argv[0] == "finalize":
+        doc = finalize(argv[1], argv[2], argv[3])
+        print(f"{argv[1]}: tests {json.dumps(doc.get('tests'))[:200]}; {len(doc['results'])} result rows")
+        return 0
     elif len(argv) == 3 and argv[0] == "sanitizer":
         rec = {tool: sanitizer_record(argv[1], tool) for tool in TOOLS}
         out = argv[2]

@@ -36,6 +36,46 @@ def _backend_pairs() -> list:
     return pairs
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cuda-only",
+        action="store_true",
+        help="keep only the tests that run on a CUDA device (the GPU suite's selection: marked `cuda`, or "
+        "parametrised with device 'cuda'), the GPU-only ones first, then by backend: cuda, triton, torch",
+    )
+
+
+# The GPU suite's order among the parametrised CUDA tests: the backends never run elsewhere first.
+_BACKEND_RANK = {"cuda": 0, "triton": 1, "auto": 2, "torch": 3}
+
+
+def exercises_cuda(item: pytest.Item) -> bool:
+    """True for a test that runs on a CUDA device: marked `cuda`, or parametrised with device "cuda"."""
+    if item.get_closest_marker("cuda") is not None:
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("device") == "cuda"
+
+
+def cuda_rank(item: pytest.Item) -> tuple[int, int]:
+    """Sort key of the GPU suite: GPU-only tests (marker `cuda`) first, then by backend, slow last."""
+    callspec = getattr(item, "callspec", None)
+    backend = callspec.params.get("backend") if callspec is not None else None
+    gpu_only = item.get_closest_marker("cuda") is not None
+    slow = item.get_closest_marker("slow") is not None
+    return (0 if gpu_only else 2 if slow else 1, _BACKEND_RANK.get(backend, 2))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--cuda-only"):
+        return
+    keep = [it for it in items if exercises_cuda(it)]
+    drop = [it for it in items if not exercises_cuda(it)]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+    items[:] = sorted(keep, key=cuda_rank)  # stable: collection order within a rank
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     names = metafunc.fixturenames
     if "backend" in names:

@@ -143,6 +143,58 @@ def test_junit_and_sanitizer_records(tmp_path):
     assert suite_tools.sanitizer_record(str(tmp_path / "none"), "memcheck")["status"] == "not run"
 
 
+def test_sanitize_case_refusal_is_only_unsupported_from_an_explicit_backend(monkeypatch, capsys):
+    """benchmarks/sanitize_case.py in-process on CPU tensors (SANITIZE_CASE_DEVICE=cpu): a plain
+    RuntimeError from a backend (CUTLASS's "cannot implement") is FAILED, not REFUSED; only
+    dispatch.Unsupported from an explicitly chosen backend is a refusal (out of auto it is FAILED:
+    auto must fall back). The backends run in the order asked for, and the summary names them."""
+    from benchmarks import sanitize_case
+    from cumo_kernels import dispatch, reference
+
+    monkeypatch.setenv("SANITIZE_CASE_DEVICE", "cpu")
+    monkeypatch.delenv(sanitize_case.BACKENDS_ENV, raising=False)
+
+    def cannot_implement(*args, **kwargs):
+        raise RuntimeError("CUTLASS grouped GEMM: cannot implement this problem")
+
+    def unsupported(*args, **kwargs):
+        raise dispatch.Unsupported("the torch backend refuses these operands (a test)")
+
+    real_grouped_linear = reference.grouped_linear
+    monkeypatch.setattr(reference, "grouped_linear", cannot_implement)
+    assert sanitize_case.main(["--backends", "torch"]) == 1
+    out = capsys.readouterr().out
+    assert "torch   aligned-bf16       FAILED RuntimeError: CUTLASS grouped GEMM: cannot implement" in out
+    assert "0 refused, 4 failed" in out
+    assert out.rstrip().endswith("SANITIZE_CASE FAILED (4)") and "SANITIZE_CASE OK" not in out
+
+    monkeypatch.setattr(reference, "grouped_linear", unsupported)
+    monkeypatch.setenv(sanitize_case.BACKENDS_ENV, "auto,torch")
+    assert sanitize_case.main([]) == 1
+    out = capsys.readouterr().out
+    assert "backends ['auto', 'torch']" in out
+    assert out.index("auto    aligned-bf16") < out.index("torch   aligned-bf16")
+    assert "auto    aligned-bf16       FAILED Unsupported:" in out
+    assert "torch   misaligned-fp32    REFUSED Unsupported:" in out
+    assert "4 refused, 4 failed" in out and "  torch: refused aligned-bf16 (Unsupported:" in out
+
+    assert sanitize_case.main(["--backends", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "4 refused, 0 failed" in out and out.rstrip().endswith("SANITIZE_CASE OK")
+
+    monkeypatch.setattr(reference, "grouped_linear", real_grouped_linear)
+    monkeypatch.delenv(sanitize_case.BACKENDS_ENV)
+    assert sanitize_case.main(["--backends", "torch,auto"]) == 0
+    out = capsys.readouterr().out
+    assert "8 (backend, case) ran ok, 0 refused, 0 failed" in out
+    assert "  torch: ok aligned-bf16, empty-expert-bf16, aligned-fp16, misaligned-fp32" in out
+    # a backend asked for that cannot run here is a failure, not a silent skip; bad lists are refused
+    assert sanitize_case.main(["--backends", "cuda,torch"]) == 1
+    assert "cuda    (every case)       UNAVAILABLE" in capsys.readouterr().out
+    for bad in ("torch,nonesuch", "torch,torch", ","):
+        assert sanitize_case.main(["--backends", bad]) == 2
+
+
 def test_gpu_suite_dry_run(tmp_path):
     """Without a GPU the suite says so, runs a CPU smoke benchmark, and writes a valid result file."""
     script = os.path.join(REPO, "benchmarks", "gpu_suite.sh")
@@ -160,6 +212,43 @@ def test_gpu_suite_dry_run(tmp_path):
     assert schema.validate(doc) == []
     assert doc["commit"] == "test"
     assert "no GPU" in (tmp_path / "summary.txt").read_text()
+
+
+def test_gpu_suite_selection_is_cuda_only_gpu_only_first():
+    """What `pytest tests --cuda-only` runs on a GPU, collected here with CUDA faked: only tests
+    on a CUDA device, none of the CPU-only or compile-only files, the GPU-only ones first, every
+    CUDA backend present (the cuda backend only where the extension is built)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cuda_selection"], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [ln for ln in proc.stdout.splitlines() if "::" in ln]
+    gpu_only = [ln.startswith("gpu-only ") for ln in lines]
+    ids = [ln[len("gpu-only ") :] for ln in lines]
+    assert len(ids) > 500, proc.stdout[-2000:]
+    # the GPU-only tests form a prefix
+    assert gpu_only[0] and sum(gpu_only) == gpu_only.index(False), "GPU-only tests are not all first"
+    files = {nid.split("::")[0] for nid in ids}
+    for cpu_only in ("test_triton_compile.py", "test_benchmarks.py", "test_auto_table.py", "test_cumo_checkpoint.py"):
+        assert not any(f.endswith(cpu_only) for f in files), cpu_only
+    for nid, g in zip(ids, gpu_only):
+        params = nid.partition("[")[2]
+        assert g or params.startswith("cuda"), f"not a CUDA test: {nid}"
+        assert "cpu-" not in params and not params.startswith("cpu"), nid
+    names = " ".join(ids)
+    for must in ("test_cuda_gpu.py::", "test_triton_cuda_design_shapes", "test_triton_layer_no_sync_and_cuda_graph"):
+        assert must in names, must
+    from cumo_kernels import cuda as cuda_backend
+
+    backends = ["triton", "torch"] + (["cuda"] if cuda_backend._cuda is not None else [])
+    for b in backends:
+        assert f"[cuda-{b}" in names, b
+    # among the parametrised tests (torch.compile's, marked slow, last) triton's come before torch's
+    param = [nid for nid, g in zip(ids, gpu_only) if not g and "test_compile.py" not in nid]
+    compiled = [i for i, nid in enumerate(ids) if "test_compile.py" in nid]
+    assert compiled and compiled == list(range(len(ids) - len(compiled), len(ids))), "torch.compile tests not last"
+    first_torch = next(i for i, nid in enumerate(param) if "[cuda-torch" in nid)
+    assert not any("[cuda-triton" in nid for nid in param[first_torch:])
 
 
 def test_saved_bytes_counts_saved_storages_once_and_maps_dims():

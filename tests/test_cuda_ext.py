@@ -100,6 +100,7 @@ def test_backend_refuses_with_reason_on_cpu_machine():
         cumo_kernels.route(torch.randn(3, 4), 2, backend="cuda")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (torch.cuda.is_available() is False)")
 def test_backend_is_available_on_a_gpu():
     _ext()

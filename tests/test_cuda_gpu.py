@@ -18,6 +18,7 @@ from cumo_kernels import reference
 from cumo_kernels.testing import assert_close_rel
 
 pytestmark = [
+    pytest.mark.cuda,
     pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON),
     pytest.mark.skipif(cuda_backend._cuda is None, reason="cumo_kernels._cuda is not built"),
 ]
