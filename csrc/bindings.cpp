@@ -76,6 +76,11 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("host_compact_problems", &host_compact_problems, py::arg("offsets"));
   m.def("host_problem_list", &host_problem_list, py::arg("kind"), py::arg("offsets"), py::arg("K"), py::arg("N"));
   m.def("host_aligned16", &host_aligned16, py::arg("address"), py::arg("row_elems"), py::arg("elem_bytes"));
+  m.def("host_list_layout", &host_list_layout, py::arg("base"), py::arg("E"), py::arg("width"), py::arg("shape"),
+        py::arg("stride_a"), py::arg("stride_b"), py::arg("stride_d"), py::arg("elem"));
+  m.def("host_list_workspace_bytes", &host_list_workspace_bytes, py::arg("E"), py::arg("width"), py::arg("shape"),
+        py::arg("stride_a"), py::arg("stride_b"), py::arg("stride_d"), py::arg("elem"), py::arg("after"));
+  m.def("host_problem_bytes", &host_problem_bytes);
   m.def("host_round_to", &host_round_to, py::arg("v"), py::arg("dtype"));
   m.def("host_activation", &host_activation, py::arg("v"), py::arg("act"), py::arg("derivative"));
   m.def("host_act_bias_grad", &host_act_bias_grad, py::arg("grad_y"), py::arg("pre"), py::arg("offsets"),

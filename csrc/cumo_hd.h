@@ -252,6 +252,53 @@ CUMO_HD int build_problem_list(int kind, const int64_t* offsets, int E, int64_t 
   return n;
 }
 
+// The problem list's pieces in a caller's workspace, one rule for the sizing (on the host, from
+// base 0) and the carving (in run_kind, from the real base), so that the two cannot disagree (the
+// sm90 sizing once counted the three pointer arrays as one piece while the carving rounded each to
+// 256 bytes: "workspace too small" on the first GPU run). Each piece starts on a 256-byte boundary,
+// in this order: shapes, a, b, d pointers, the three per-problem strides, the zero row, the scratch
+// rows, the problem list; `end` is where the next user (CUTLASS's own workspace) may start.
+struct ListLayout {
+  uint64_t shapes, a, b, d, sa, sb, sd, zero, scratch, list, end;
+};
+
+CUMO_HD uint64_t round_up256(uint64_t v) { return (v + 255) / 256 * 256; }
+
+// The next piece of `bytes` at `at` (256-aligned), moving `at` past it.
+CUMO_HD uint64_t take_piece(uint64_t& at, uint64_t bytes) {
+  const uint64_t out = at;
+  at += round_up256(bytes);
+  return out;
+}
+
+// Element sizes in bytes: shape (one problem's shape), stride_a/b/d (one problem's stride of each
+// operand), elem (one matrix element); width = max(N, K) elements.
+CUMO_HD ListLayout list_layout(uint64_t base, int E, int64_t width, uint64_t shape, uint64_t stride_a,
+                               uint64_t stride_b, uint64_t stride_d, uint64_t elem) {
+  const uint64_t e = static_cast<uint64_t>(E), w = static_cast<uint64_t>(width);
+  uint64_t at = round_up256(base);
+  ListLayout l;
+  l.shapes = take_piece(at, shape * e);
+  l.a = take_piece(at, sizeof(void*) * e);
+  l.b = take_piece(at, sizeof(void*) * e);
+  l.d = take_piece(at, sizeof(void*) * e);
+  l.sa = take_piece(at, stride_a * e);
+  l.sb = take_piece(at, stride_b * e);
+  l.sd = take_piece(at, stride_d * e);
+  l.zero = take_piece(at, elem * w);
+  l.scratch = take_piece(at, elem * w * e);
+  l.list = take_piece(at, sizeof(GroupedProblem) * e);
+  l.end = at;
+  return l;
+}
+
+// Bytes of workspace that hold the layout from any base address (up to 255 bytes go to aligning
+// the base) and leave `after` bytes, 256-aligned, behind it.
+CUMO_HD uint64_t list_workspace_bytes(int E, int64_t width, uint64_t shape, uint64_t stride_a, uint64_t stride_b,
+                                      uint64_t stride_d, uint64_t elem, uint64_t after) {
+  return 255 + list_layout(0, E, width, shape, stride_a, stride_b, stride_d, elem).end + after;
+}
+
 // 16-byte alignment of an operand: its address and its row pitch in bytes.
 CUMO_HD bool aligned16(uint64_t address, int64_t row_elems, int elem_bytes) {
   return address % 16 == 0 && (row_elems * elem_bytes) % 16 == 0;

@@ -69,6 +69,13 @@ std::vector<std::vector<int64_t>> host_compact_problems(const std::vector<int64_
 // The CUTLASS paths' problem list: rows [m, n, k, a, b, d, lda, ldb, ldd, dummy] (cumo_hd.h).
 std::vector<std::vector<int64_t>> host_problem_list(int kind, const std::vector<int64_t>& offsets, i64 K, i64 N);
 bool host_aligned16(u64 address, i64 row_elems, int elem_bytes);
+// The CUTLASS paths' problem-list layout in a workspace (cumo_hd.h's list_layout): the offsets of
+// shapes, a, b, d, the three strides, zero, scratch, list, and end; and the bytes it needs.
+std::vector<u64> host_list_layout(u64 base, int E, i64 width, u64 shape, u64 stride_a, u64 stride_b, u64 stride_d,
+                                  u64 elem);
+u64 host_list_workspace_bytes(int E, i64 width, u64 shape, u64 stride_a, u64 stride_b, u64 stride_d, u64 elem,
+                              u64 after);
+u64 host_problem_bytes();
 float host_round_to(float v, int dtype);
 std::vector<float> host_activation(const std::vector<float>& v, int act, bool derivative);
 // (grad_pre, grad_b) of the backward's activation + bias-gradient pass (act_bias_grad_kernel), lane

@@ -84,14 +84,19 @@ __global__ void zero_empty_experts_kernel(const int64_t* offsets, int64_t per_ex
     grad_w[e * per_expert + i] = Element(0.f);
 }
 
-inline size_t round256(size_t b) { return (b + 255) / 256 * 256; }
+// The problem list's layout (cumo_hd.h's list_layout: the one rule of both the sizing and the
+// carving); the strides are the int64 leading dimensions.
+template <typename Element>
+ListLayout layout(uint64_t base, int E, int64_t K, int64_t N) {
+  return list_layout(base, E, N > K ? N : K, sizeof(Coord), sizeof(int64_t), sizeof(int64_t), sizeof(int64_t),
+                     sizeof(Element));
+}
 
+// CUTLASS 2.x's grouped GEMM takes no workspace of its own (run_kind checks that).
 template <typename Element>
 size_t list_bytes(int E, int64_t K, int64_t N) {
-  const size_t width = static_cast<size_t>(N > K ? N : K);
-  return round256(sizeof(Coord) * E) + 3 * round256(sizeof(void*) * E) + 3 * round256(sizeof(int64_t) * E) +
-         round256(sizeof(Element) * width) + round256(sizeof(Element) * width * E) +
-         round256(sizeof(GroupedProblem) * E) + 256;
+  return list_workspace_bytes(E, N > K ? N : K, sizeof(Coord), sizeof(int64_t), sizeof(int64_t), sizeof(int64_t),
+                              sizeof(Element), 0);
 }
 
 template <typename G>
@@ -107,24 +112,19 @@ int threadblocks(int device) {
 template <typename Element, typename G>
 void run_kind(const GroupedCall& c) {
   const int64_t width = c.N > c.K ? c.N : c.K;
-  char* p = reinterpret_cast<char*>((c.workspace + 255) / 256 * 256);
-  auto bump = [&](size_t bytes) {
-    char* out = p;
-    p += round256(bytes);
-    return out;
-  };
+  const ListLayout l = layout<Element>(c.workspace, c.E, c.K, c.N);
   ProblemList<Element> pl;
-  pl.shapes = reinterpret_cast<Coord*>(bump(sizeof(Coord) * c.E));
-  pl.a = reinterpret_cast<Element**>(bump(sizeof(void*) * c.E));
-  pl.b = reinterpret_cast<Element**>(bump(sizeof(void*) * c.E));
-  pl.d = reinterpret_cast<Element**>(bump(sizeof(void*) * c.E));
-  pl.lda = reinterpret_cast<int64_t*>(bump(sizeof(int64_t) * c.E));
-  pl.ldb = reinterpret_cast<int64_t*>(bump(sizeof(int64_t) * c.E));
-  pl.ldd = reinterpret_cast<int64_t*>(bump(sizeof(int64_t) * c.E));
-  pl.zero = reinterpret_cast<Element*>(bump(sizeof(Element) * width));
-  pl.scratch = reinterpret_cast<Element*>(bump(sizeof(Element) * width * c.E));
-  pl.list = reinterpret_cast<GroupedProblem*>(bump(sizeof(GroupedProblem) * c.E));
-  if (reinterpret_cast<uint64_t>(p) > c.workspace + c.workspace_bytes)
+  pl.shapes = reinterpret_cast<Coord*>(l.shapes);
+  pl.a = reinterpret_cast<Element**>(l.a);
+  pl.b = reinterpret_cast<Element**>(l.b);
+  pl.d = reinterpret_cast<Element**>(l.d);
+  pl.lda = reinterpret_cast<int64_t*>(l.sa);
+  pl.ldb = reinterpret_cast<int64_t*>(l.sb);
+  pl.ldd = reinterpret_cast<int64_t*>(l.sd);
+  pl.zero = reinterpret_cast<Element*>(l.zero);
+  pl.scratch = reinterpret_cast<Element*>(l.scratch);
+  pl.list = reinterpret_cast<GroupedProblem*>(l.list);
+  if (l.end > c.workspace + c.workspace_bytes)
     throw std::runtime_error("cumo_kernels._cuda: sm80 grouped GEMM workspace too small");
 
   cudaError_t err = cudaMemsetAsync(pl.zero, 0, sizeof(Element) * width, c.stream);

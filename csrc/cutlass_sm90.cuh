@@ -109,26 +109,12 @@ __global__ void zero_empty_experts_kernel(const int64_t* offsets, int64_t per_ex
     grad_w[e * per_expert + i] = Element(0.f);
 }
 
-inline char* bump(char*& p, size_t bytes) {
-  char* out = p;
-  p += (bytes + 255) / 256 * 256;
-  return out;
-}
-
+// The problem list's layout for this GEMM type (cumo_hd.h's list_layout: the one rule of both the
+// sizing and the carving).
 template <typename Element, typename G>
-size_t list_bytes(int E, int64_t K, int64_t N) {
-  const size_t width = static_cast<size_t>(N > K ? N : K);
-  size_t total = 0;
-  auto add = [&](size_t b) { total += (b + 255) / 256 * 256; };
-  add(sizeof(Shape3) * E);
-  add(sizeof(void*) * E * 3);
-  add(sizeof(typename G::StrideA) * E);
-  add(sizeof(typename G::StrideB) * E);
-  add(sizeof(typename G::StrideD) * E);
-  add(sizeof(Element) * width);
-  add(sizeof(Element) * width * E);
-  add(sizeof(GroupedProblem) * E);
-  return total;
+ListLayout layout(uint64_t base, int E, int64_t K, int64_t N) {
+  return list_layout(base, E, N > K ? N : K, sizeof(Shape3), sizeof(typename G::StrideA), sizeof(typename G::StrideB),
+                     sizeof(typename G::StrideD), sizeof(Element));
 }
 
 inline int sm_count(int device) {
@@ -159,26 +145,28 @@ template <typename Element, typename G>
 size_t kind_workspace(int E, int64_t K, int64_t N, int device) {
   ProblemList<Element, G> pl{};
   auto args = make_args<Element, G>(E, pl, device);
-  return list_bytes<Element, G>(E, K, N) + G::Gemm::get_workspace_size(args) + 256;
+  return list_workspace_bytes(E, N > K ? N : K, sizeof(Shape3), sizeof(typename G::StrideA),
+                              sizeof(typename G::StrideB), sizeof(typename G::StrideD), sizeof(Element),
+                              G::Gemm::get_workspace_size(args));
 }
 
 template <typename Element, typename G>
 void run_kind(int kind, const GroupedCall& c, typename G::StrideA sa, typename G::StrideB sb,
               typename G::StrideD sd) {
   const int64_t width = c.N > c.K ? c.N : c.K;
-  char* p = reinterpret_cast<char*>((c.workspace + 255) / 256 * 256);
+  const ListLayout l = layout<Element, G>(c.workspace, c.E, c.K, c.N);
   ProblemList<Element, G> pl;
-  pl.shapes = reinterpret_cast<Shape3*>(bump(p, sizeof(Shape3) * c.E));
-  pl.a = reinterpret_cast<const Element**>(bump(p, sizeof(void*) * c.E));
-  pl.b = reinterpret_cast<const Element**>(bump(p, sizeof(void*) * c.E));
-  pl.d = reinterpret_cast<Element**>(bump(p, sizeof(void*) * c.E));
-  pl.sa = reinterpret_cast<typename G::StrideA*>(bump(p, sizeof(typename G::StrideA) * c.E));
-  pl.sb = reinterpret_cast<typename G::StrideB*>(bump(p, sizeof(typename G::StrideB) * c.E));
-  pl.sd = reinterpret_cast<typename G::StrideD*>(bump(p, sizeof(typename G::StrideD) * c.E));
-  pl.zero = reinterpret_cast<Element*>(bump(p, sizeof(Element) * width));
-  pl.scratch = reinterpret_cast<Element*>(bump(p, sizeof(Element) * width * c.E));
-  pl.list = reinterpret_cast<GroupedProblem*>(bump(p, sizeof(GroupedProblem) * c.E));
-  char* cutlass_ws = p;
+  pl.shapes = reinterpret_cast<Shape3*>(l.shapes);
+  pl.a = reinterpret_cast<const Element**>(l.a);
+  pl.b = reinterpret_cast<const Element**>(l.b);
+  pl.d = reinterpret_cast<Element**>(l.d);
+  pl.sa = reinterpret_cast<typename G::StrideA*>(l.sa);
+  pl.sb = reinterpret_cast<typename G::StrideB*>(l.sb);
+  pl.sd = reinterpret_cast<typename G::StrideD*>(l.sd);
+  pl.zero = reinterpret_cast<Element*>(l.zero);
+  pl.scratch = reinterpret_cast<Element*>(l.scratch);
+  pl.list = reinterpret_cast<GroupedProblem*>(l.list);
+  char* cutlass_ws = reinterpret_cast<char*>(l.end);
 
   // The whole workspace (problem list, zero row, scratch, CUTLASS's own) is checked before
   // anything writes into it.

@@ -128,6 +128,21 @@ std::vector<std::vector<int64_t>> host_problem_list(int kind, const std::vector<
 
 bool host_aligned16(u64 address, i64 row_elems, int elem_bytes) { return aligned16(address, row_elems, elem_bytes); }
 
+std::vector<u64> host_list_layout(u64 base, int E, i64 width, u64 shape, u64 stride_a, u64 stride_b, u64 stride_d,
+                                  u64 elem) {
+  if (E < 1 || width < 1) throw std::invalid_argument("host_list_layout: bad arguments");
+  const ListLayout l = list_layout(base, E, width, shape, stride_a, stride_b, stride_d, elem);
+  return {l.shapes, l.a, l.b, l.d, l.sa, l.sb, l.sd, l.zero, l.scratch, l.list, l.end};
+}
+
+u64 host_list_workspace_bytes(int E, i64 width, u64 shape, u64 stride_a, u64 stride_b, u64 stride_d, u64 elem,
+                              u64 after) {
+  if (E < 1 || width < 1) throw std::invalid_argument("host_list_workspace_bytes: bad arguments");
+  return list_workspace_bytes(E, width, shape, stride_a, stride_b, stride_d, elem, after);
+}
+
+u64 host_problem_bytes() { return sizeof(GroupedProblem); }
+
 float host_round_to(float v, int dtype) {
   check_dtype(dtype);
   return round_to(v, dtype);

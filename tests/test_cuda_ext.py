@@ -297,6 +297,46 @@ def test_alignment_check():
     assert ext.host_aligned16(4096, 4, 4)
 
 
+# (E, width, shape bytes, stride bytes a/b/d, element bytes): sm90's Shape3 and cute strides
+# (sizes vary with the layout), sm80's GemmCoord and int64 leading dims, bf16/fp16 elements.
+LIST_CASES = [
+    (1, 7, 12, (8, 8, 8), 2),
+    (4, 4096, 12, (16, 8, 16), 2),
+    (8, 1024, 12, (24, 24, 24), 2),
+    (64, 2048, 16, (8, 8, 8), 2),
+    (37, 33, 12, (16, 16, 16), 4),
+]
+
+
+@pytest.mark.parametrize("case", LIST_CASES, ids=str)
+def test_problem_list_layout_fits_its_workspace(case):
+    """The CUTLASS paths carve their problem list from the workspace the host sized, with one rule
+    (list_layout). From any base address: every piece 256-byte aligned, in order, none overlapping
+    the next, and the whole list plus CUTLASS's own bytes inside the sized workspace. The sm90
+    sizing once counted the three pointer arrays as one 256-byte piece, the carving as three: the
+    first GPU run's "workspace too small"."""
+    ext = _ext()
+    e, width, shape, (sa, sb, sd), elem = case
+    sizes = [shape * e, 8 * e, 8 * e, 8 * e, sa * e, sb * e, sd * e, elem * width, elem * width * e]
+    sizes.append(ext.host_problem_bytes() * e)
+    for after in (0, 1, 4096):
+        need = ext.host_list_workspace_bytes(e, width, shape, sa, sb, sd, elem, after)
+        for base in [0, 1, 8, 200, 255, 256, 257, 4096 + 17, (1 << 40) + 511]:
+            offs = ext.host_list_layout(base, e, width, shape, sa, sb, sd, elem)
+            assert len(offs) == len(sizes) + 1
+            assert offs[0] >= base
+            for i, size in enumerate(sizes):
+                assert offs[i] % 256 == 0, (i, offs)
+                assert offs[i + 1] - offs[i] >= size, f"piece {i} ({size} B) overlaps the next: {offs}"
+            end = offs[-1]
+            assert end % 256 == 0
+            # the list, then CUTLASS's own `after` bytes from `end`, inside [base, base + need)
+            assert end + after <= base + need, (base, end, after, need)
+    # the three pointer arrays are three pieces
+    offs = ext.host_list_layout(0, 4, 16, 12, 8, 8, 8, 2)
+    assert offs[2] - offs[1] == 256 and offs[3] - offs[2] == 256
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rounding_matches_torch(dtype):
     ext = _ext()
