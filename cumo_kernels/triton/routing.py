@@ -29,7 +29,10 @@ def _route_tile(lf, rows, rmask, cols, cmask, w_ptr, ids_ptr, TOPK: tl.constexpr
     m = tl.max(lf, axis=1)
     ex = tl.exp(lf - m[:, None])
     s = tl.sum(ex, axis=1)
-    p = ex / s[:, None]
+    # IEEE-rounded divisions (div.rn): Triton's float32 `/` is div.full (up to 2 ulp), which
+    # would let sel / sum(sel) differ from 1 for k = 1 and put rounding noise into the gate's
+    # gradient (seen on the first GPU run), and could break float32 ties differently from torch.
+    p = tl.math.div_rn(ex, s[:, None])
     lse = m + tl.log(s)
     pr = p.to(w_ptr.dtype.element_ty).to(tl.float32)
     # NaN scores rank first (as in torch's descending sort), padding columns never.
@@ -45,7 +48,7 @@ def _route_tile(lf, rows, rmask, cols, cmask, w_ptr, ids_ptr, TOPK: tl.constexpr
         rank = tl.where(cols[None, :] == idx[:, None], j, rank)
         tl.store(ids_ptr + rows * TOPK + j, idx.to(tl.int64), mask=rmask)
     sel = tl.where(rank >= 0, pr, 0.0)
-    wts = sel / tl.sum(sel, axis=1)[:, None]
+    wts = tl.math.div_rn(sel, tl.sum(sel, axis=1)[:, None])
     for j in tl.static_range(TOPK):
         wj = tl.sum(tl.where(rank == j, wts, 0.0), axis=1)
         tl.store(w_ptr + rows * TOPK + j, wj.to(w_ptr.dtype.element_ty), mask=rmask)
@@ -164,7 +167,7 @@ def _dlogits_tile(
     m = tl.max(lf, axis=1)
     ex = tl.exp(lf - m[:, None])
     s = tl.sum(ex, axis=1)
-    p = ex / s[:, None]
+    p = tl.math.div_rn(ex, s[:, None])  # IEEE division, as in _route_tile
     lse = m + tl.log(s)
     pr = p.to(lg_ptr.dtype.element_ty).to(tl.float32)
     ssum = tl.zeros([BT], dtype=tl.float32)
@@ -176,14 +179,14 @@ def _dlogits_tile(
         idj = tl.load(ids_ptr + rows * TOPK + j, mask=rmask, other=0)
         gwj = tl.load(gw_ptr + rows * TOPK + j, mask=rmask, other=0.0).to(tl.float32)
         # w_j = sel_j / sum first (exactly 1 for k = 1, so that no rounding noise reaches the gate).
-        gdot += gwj * (tl.sum(tl.where(cols[None, :] == idj[:, None], pr, 0.0), axis=1) / ssum)
+        gdot += gwj * tl.math.div_rn(tl.sum(tl.where(cols[None, :] == idj[:, None], pr, 0.0), axis=1), ssum)
     bidx = rows // N
     dp = tl.load(gp_ptr + bidx[:, None] * E + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
     dp = dp.to(tl.float32)
     for j in tl.static_range(TOPK):
         idj = tl.load(ids_ptr + rows * TOPK + j, mask=rmask, other=0)
         gwj = tl.load(gw_ptr + rows * TOPK + j, mask=rmask, other=0.0).to(tl.float32)
-        dp += tl.where(cols[None, :] == idj[:, None], ((gwj - gdot) / ssum)[:, None], 0.0)
+        dp += tl.where(cols[None, :] == idj[:, None], tl.math.div_rn(gwj - gdot, ssum)[:, None], 0.0)
     gz = tl.load(gz_ptr + bidx, mask=rmask, other=0.0).to(tl.float32)
     dl = p * (dp - tl.sum(dp * p, axis=1)[:, None]) + (2.0 * lse * gz)[:, None] * p
     return tl.where(rmask[:, None] & cmask[None, :], dl, 0.0)
