@@ -23,13 +23,28 @@ def _run(inputs, top_k, activation, backend, g):
     """moe_mlp on fresh leaves: outputs, the backend's expert ids and the gradients per loss."""
     leaves = {n: (None if t is None else t.detach().clone().requires_grad_()) for n, t in inputs.items()}
     y, balance, z = cumo_kernels.moe_mlp(**leaves, top_k=top_k, activation=activation, backend=backend)
-    x = leaves["x"]
-    samples = x.shape[0] if x.dim() == 3 else 1
-    with torch.no_grad():
-        logits = F.linear(x.reshape(-1, x.shape[-1]), leaves["gate_weight"])
-        ids = cumo_kernels.route(logits, top_k, samples, backend=backend)[1]
+    ids = layer_ids(leaves["x"], leaves["gate_weight"], top_k, backend)
     grads = _loss_grads(y, balance, z, g, leaves)
     return {"y": y, "balance": balance, "z": z}, ids, grads
+
+
+def layer_ids(x, gate_weight, top_k, backend):
+    """The expert ids [T, k] the layer itself routes by: a fused backend's routing from x
+    (cumo::route_x, the layer's first op), else route() of F.linear's logits, as moe_mlp does.
+    (Re-routing F.linear's logits for a fused backend is not the layer's choice: on a GPU, cuBLAS's
+    reduced-precision reductions round some logits otherwise than the fused kernel's float32
+    accumulation, and where rounded logits tie the order differs: the first GPU run.)"""
+    from cumo_kernels import dispatch
+    from cumo_kernels.ops.fused import backend_is_fused
+
+    samples = x.shape[0] if x.dim() == 3 else 1
+    x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    name = dispatch.select(backend, x.device)
+    with torch.no_grad():
+        if backend_is_fused(name):
+            return torch.ops.cumo.route_x(x2, gate_weight.detach().contiguous(), top_k, samples, name)[1]
+        logits = F.linear(x2, gate_weight.detach())
+        return cumo_kernels.route(logits, top_k, samples, backend=backend)[1]
 
 
 def _loss_grads(y, balance, z, g, leaves):

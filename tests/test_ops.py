@@ -152,8 +152,8 @@ def test_permute(device, backend, dtype, case):
     xs, sort_idx, offsets = cumo_kernels.permute(x, ids, e, backend=backend)
     rxs, ridx, roff = oracle.permute_oracle(x.detach(), ids.cpu(), e)
     assert xs.dtype == dtype and sort_idx.dtype == torch.int64 and offsets.dtype == torch.int64
-    assert torch.equal(sort_idx.cpu(), ridx), f"sort_idx {sort_idx.tolist()} != {ridx.tolist()}"
-    assert torch.equal(offsets.cpu(), roff), f"offsets {offsets.tolist()} != {roff.tolist()}"
+    assert torch.equal(sort_idx.cpu(), ridx.cpu()), f"sort_idx {sort_idx.tolist()} != {ridx.tolist()}"
+    assert torch.equal(offsets.cpu(), roff.cpu()), f"offsets {offsets.tolist()} != {roff.tolist()}"
     assert torch.equal(xs.cpu(), rxs.cpu()), "x_sorted is a gather: it must be exact"
 
     gs = torch.randn(t * k, h, generator=seeded(2)).to(device=device, dtype=dtype)
