@@ -28,6 +28,7 @@
 #   GPU_SUITE_FORCE=1  run the steps even when torch sees no GPU (the stand-in: device_standin.sh)
 #   GPU_SUITE_BENCH_ARGS  extra arguments for python -m benchmarks (later ones win)
 #   GPU_SUITE_JOBS     pytest-xdist workers for the tests (default 8)
+#   GPU_SUITE_TEST_K   a pytest -k expression for both test phases (a second call reruns what failed)
 #   CUMO_COMMIT, CUMO_COMMIT_DIRTY   the commit to record and whether the tree differed from it
 #                      (the device's copy of the tree has no .git)
 #   PYTHON             the interpreter (default python3)
@@ -206,7 +207,9 @@ if want tests; then
 			continue
 		fi
 		log "tests ($phase): pytest tests --cuda-only -m '$mark' ${xdist[*]} (limit ${t}s)"
-		CUMO_TRITON_AUTOTUNE=0 timeout -s INT -k 15 "$t" "$PY" -m pytest -q tests --cuda-only -m "$mark" "${xdist[@]}" \
+		kexpr=()
+		[[ -n ${GPU_SUITE_TEST_K:-} ]] && kexpr=(-k "$GPU_SUITE_TEST_K")
+		CUMO_TRITON_AUTOTUNE=0 timeout -s INT -k 15 "$t" "$PY" -m pytest -q tests --cuda-only -m "$mark" "${kexpr[@]}" "${xdist[@]}" \
 			-p no:cacheprovider --timeout 150 --junitxml="$LOGS/junit-$phase.xml" >"$LOGS/pytest-$phase.log" 2>&1
 		rc=$?
 		TEST_PHASES+=("$phase" "$LOGS/junit-$phase.xml" "$LOGS/pytest-$phase.log" "$rc")
