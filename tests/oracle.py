@@ -75,7 +75,12 @@ def route_oracle(
     requiring grad) replaces the upcast of `logits` so that gradients flow to a caller's graph.
     """
     dtype = logits.dtype if dtype is None else dtype
-    lg = up(logits) if logits64 is None else logits64
+    # CuMo's first rounding point (CUMO.md, routing step 1): the logits are in the activation
+    # dtype; their gradient is the identity's (the cast's). Without it the choice followed the
+    # unrounded float64 logits, and where two logits round to the same value (a tie every backend
+    # resolves by the lower index) the oracle ordered them otherwise: the first GPU run's
+    # "expert ids differ" at the design shapes, exactly the tokens where the two differ.
+    lg = round_to(up(logits) if logits64 is None else logits64, dtype)
     t, e = lg.shape
     n = t // num_samples
     p = round_to(probabilities(lg), dtype)
