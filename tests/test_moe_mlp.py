@@ -8,7 +8,7 @@ import oracle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ACTIVATIONS, DTYPES, make_moe_inputs, poison, seeded, skip_unsupported
+from conftest import ACTIVATIONS, DTYPES, LOW, make_moe_inputs, poison, seeded, skip_unsupported
 
 import cumo_kernels
 from cumo_kernels.nn import MoEMLP
@@ -309,13 +309,16 @@ def test_module_defaults(device):
     assert "num_experts=3" in repr(layer) and "top_k=2" in repr(layer)
 
 
-def test_module_low_precision_params(device):
-    layer = MoEMLP(6, 10, 5, num_experts=4, top_k=2, dtype=torch.bfloat16).to(device)
-    y, bal, z = layer(torch.randn(2, 3, 6, device=device, dtype=torch.bfloat16))
-    assert y.shape == (2, 3, 5) and y.dtype == torch.bfloat16 and bal.dtype == F32 and z.dtype == torch.bfloat16
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_module_low_precision_params(device, backend, dtype):
+    """Low-precision parameters training on a frozen input (no requires_grad on x), on every backend."""
+    skip_unsupported(device, backend, dtype)
+    layer = MoEMLP(6, 10, 5, num_experts=4, top_k=2, dtype=dtype, backend=backend).to(device)
+    y, bal, z = layer(torch.randn(2, 3, 6, device=device, dtype=dtype))
+    assert y.shape == (2, 3, 5) and y.dtype == dtype and bal.dtype == F32 and z.dtype == dtype
     (y.float().square().mean() + 0.1 * bal + 0.01 * z).backward()
     for n, p in layer.named_parameters():
-        assert p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all(), n
+        assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all(), n
 
 
 def test_autocast_casts_like_linear(device):
@@ -336,3 +339,51 @@ def test_autocast_casts_like_linear(device):
         top_k=2,
     )
     assert torch.equal(y.detach(), ey)
+
+
+# ------------------------------------------------------------------- training with frozen tensors
+
+# name: the inputs that train (the others are frozen: no requires_grad)
+FROZEN_CASES = {
+    "frozen_x": ("gate_weight", "w1", "b1", "w2", "b2"),  # CuMo's connector on a frozen encoder's output
+    "frozen_x_and_fc1": ("gate_weight", "w2", "b2"),  # nothing before fc1's activation needs a gradient
+    "frozen_x_and_gate": ("w1", "b1", "w2", "b2"),
+    "frozen_x_only_w1": ("w1",),
+    "frozen_x_only_b1": ("b1",),
+    "frozen_fc1": ("x", "gate_weight", "w2", "b2"),  # the input trains, fc1 does not
+}
+
+
+@pytest.mark.parametrize("case", list(FROZEN_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_training_with_frozen_tensors_matches_oracle(device, backend, dtype, case):
+    """Training where only some inputs need a gradient, on every backend: a frozen x with trainable
+    weights is CuMo's first stage (the connector trains on a frozen encoder's output). Whatever a
+    backend keeps for the backward (the fused path keeps fc1's pre-activation only when a gradient
+    through fc1 can follow) must cover every such split; the gradients of the trainable tensors
+    match the float64 oracle's, and the frozen ones get none."""
+    skip_unsupported(device, backend, dtype)
+    trainable = FROZEN_CASES[case]
+    inputs = make_moe_inputs((3, 5), D_IN, HIDDEN, D_OUT, 4, dtype=dtype, device=device, seed=21)
+    g = torch.randn(3, 5, D_OUT, generator=seeded(22)).to(device=device, dtype=dtype)
+
+    def run(backend_name):
+        leaves = {n: t.detach().clone().requires_grad_(n in trainable) for n, t in inputs.items()}
+        y, balance, z = cumo_kernels.moe_mlp(**leaves, top_k=2, activation="gelu", backend=backend_name)
+        ((y * g).sum() + 0.1 * balance + 0.01 * z).backward()
+        return leaves
+
+    poison(device)
+    leaves = run(backend)
+    for n, t in leaves.items():
+        if n not in trainable:
+            assert t.grad is None, f"frozen {n} got a gradient"
+    base = run("torch") if backend != "torch" and dtype != F32 else None
+    ids = layer_ids(inputs["x"], inputs["gate_weight"], 2, backend)
+    leaves64 = {n: oracle.up(t, n in trainable) for n, t in inputs.items()}
+    y64, bal64, z64, _ = oracle.moe_oracle(**leaves64, top_k=2, activation="gelu", expert_ids=ids, dtype=dtype)
+    ((y64 * g.double()).sum() + 0.1 * bal64 + 0.01 * z64).backward()
+    for n in trainable:
+        got = leaves[n].grad
+        assert got is not None and got.dtype == dtype, f"grad of {n}: {None if got is None else got.dtype}"
+        assert_close_rel(got, leaves64[n].grad, dtype, f"grad of {n}", baseline=None if base is None else base[n].grad)
