@@ -198,3 +198,42 @@ def test_zero3_placeholders_save_and_load_under_their_stacked_names():
     assert not any(".experts." in k for k in sd)
     assert all(v.numel() == 0 for k, v in sd.items() if k.endswith(("w1", "b1", "w2", "b2")))
     host.load_state_dict(sd, strict=True)
+
+
+def test_filled_post_layernorm_is_the_identity_affine_whatever_pre_layrnorm_holds():
+    """from_cumo's post_layernorm is weight 1, bias 0 (its docstring), not a copy of pre_layrnorm:
+    tiny CLIPs start with pre_layrnorm = (1, 0), so here it holds other values, in every layout
+    and dtype from_cumo writes."""
+    source = trained_moe_clip(30)
+    g = torch.Generator().manual_seed(31)
+    with torch.no_grad():
+        source.pre_layrnorm.weight.copy_(1.5 + 0.5 * torch.randn(24, generator=g))
+        source.pre_layrnorm.bias.copy_(0.5 * torch.randn(24, generator=g))
+    ckpt = cumo_tower_dict(source)
+    host = "model.vision_tower.vision_tower."
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        typed = {k: v.to(dtype) for k, v in ckpt.items()}
+        layouts = (
+            ("plain", "", from_cumo(typed)),
+            ("stacked", "", from_cumo(typed, stacked=True)),
+            ("vision_model kept", "vision_model.", from_cumo(typed, strip_vision_model=False)),
+            ("whole model", host, from_cumo({host + k: v for k, v in typed.items()})),
+        )
+        for label, p, sd in layouts:
+            pre_w, pre_b = sd[p + "pre_layrnorm.weight"], sd[p + "pre_layrnorm.bias"]
+            assert torch.equal(pre_w, typed["vision_model.pre_layrnorm.weight"]), label  # kept as it was
+            w, b = sd[p + "post_layernorm.weight"], sd[p + "post_layernorm.bias"]
+            for name, got, want in (
+                ("weight", w, torch.ones(24, dtype=dtype)),
+                ("bias", b, torch.zeros(24, dtype=dtype)),
+            ):
+                assert got.dtype == dtype and got.shape == (24,), (label, name, got.dtype, got.shape)
+                assert torch.equal(got, want), f"{label} post_layernorm.{name} is not the identity's: {got[:4]}"
+            assert w.data_ptr() != pre_w.data_ptr() and b.data_ptr() != pre_b.data_ptr(), label
+    # loaded strictly, the tower keeps the source's pre_layrnorm and gets the identity post_layernorm
+    target = cumo.convert_clip_to_moe(tiny_clip(32))
+    target.load_state_dict(from_cumo(ckpt), strict=True)
+    assert torch.equal(target.pre_layrnorm.weight, source.pre_layrnorm.weight)
+    assert torch.equal(target.pre_layrnorm.bias, source.pre_layrnorm.bias)
+    assert torch.equal(target.post_layernorm.weight, torch.ones(24))
+    assert torch.equal(target.post_layernorm.bias, torch.zeros(24))
