@@ -387,3 +387,66 @@ def test_training_with_frozen_tensors_matches_oracle(device, backend, dtype, cas
         got = leaves[n].grad
         assert got is not None and got.dtype == dtype, f"grad of {n}: {None if got is None else got.dtype}"
         assert_close_rel(got, leaves64[n].grad, dtype, f"grad of {n}", baseline=None if base is None else base[n].grad)
+
+
+# ---------------------------------------------------------------------------- initialisation
+
+
+def _ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    a, b = a.double().flatten().sort().values, b.double().flatten().sort().values
+    grid = torch.cat([a, b])
+    fa = torch.searchsorted(a, grid, right=True).double() / a.numel()
+    fb = torch.searchsorted(b, grid, right=True).double() / b.numel()
+    return (fa - fb).abs().max().item()
+
+
+def _init_modules():
+    from cumo.blocks import CLIPMoEMLP, MLPMoE
+
+    # fan-in and fan-out differ in every layer (by 4x), so a bound from the wrong one shows
+    return {
+        "MoEMLP": lambda: MoEMLP(40, 160, 10, num_experts=4, top_k=2),
+        "MoEMLP_no_bias": lambda: MoEMLP(40, 160, 10, num_experts=4, top_k=2, bias=False),
+        "MLPMoE": lambda: MLPMoE(4, 2, 40, 160),
+        "CLIPMoEMLP": lambda: CLIPMoEMLP(40, 160, num_experts=4, top_k=2),
+    }
+
+
+@pytest.mark.parametrize("module", list(_init_modules()))
+def test_initialisation_is_nn_linears_per_expert(module):
+    """Every parameter starts with nn.Linear's distribution for its expert's shape (the gate as a
+    bias-free nn.Linear(in, E)): compared with the parameters of freshly built nn.Linear layers of
+    the same shapes, by their support (|p| <= nn.Linear's bound 1/sqrt(in_features), reached to
+    within 10%) and by a two-sample Kolmogorov-Smirnov test; the experts are independent draws."""
+    torch.manual_seed(40)
+    layer = _init_modules()[module]()
+    e = layer.num_experts
+    linears = {
+        "gate.weight": (layer.in_features, e, False),
+        "w1": (layer.in_features, layer.hidden_features, True),
+        "w2": (layer.hidden_features, layer.out_features, True),
+    }
+    torch.manual_seed(41)
+    checked = set()
+    for pname, (fan_in, fan_out, per_expert) in linears.items():
+        reps = 16 if per_expert else 16 * e  # reference draws: many more than the layer's own
+        refs = [torch.nn.Linear(fan_in, fan_out) for _ in range(reps)]
+        bound = 1.0 / fan_in**0.5  # nn.Linear's documented U(-sqrt(k), sqrt(k)), k = 1 / in_features
+        pairs = [(pname, torch.stack([r.weight for r in refs]))]
+        bname = {"w1": "b1", "w2": "b2"}.get(pname)
+        if bname is not None and getattr(layer, bname) is not None:
+            pairs.append((bname, torch.stack([r.bias for r in refs])))
+        for name, ref in pairs:
+            p = layer.get_parameter(name).detach()
+            checked.add(name)
+            assert ref.abs().max() <= bound  # the reference itself, as documented
+            assert p.abs().max() <= bound, f"{name}: |p| reaches {p.abs().max():.4f} > nn.Linear's bound {bound:.4f}"
+            assert p.abs().max() >= 0.9 * bound, f"{name}: |p| <= {p.abs().max():.4f}, nn.Linear's reach {bound:.4f}"
+            n, m = p.numel(), ref.numel()
+            crit = 2.7 * ((n + m) / (n * m)) ** 0.5  # alpha ~ 1e-6
+            d = _ks_distance(p, ref)
+            assert d <= crit, f"{name}: KS distance {d:.3f} from nn.Linear's initialisation > {crit:.3f}"
+            if name != "gate.weight":
+                assert not torch.equal(p[0], p[1]), f"{name}: experts 0 and 1 start equal"
+    assert checked == {n for n, _ in layer.named_parameters()}, "a parameter was not checked"
