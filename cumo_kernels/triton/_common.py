@@ -36,9 +36,33 @@ def check_dtype(name: str, t: torch.Tensor) -> None:
         )
 
 
+def tf32_allowed() -> bool:
+    """Whether torch's settings let a float32 CUDA matmul use TF32, read as torch reads them.
+
+    torch >= 2.9 keeps the setting in `torch.backends.cuda.matmul.fp32_precision` ("tf32", "ieee",
+    or "none": inherit `torch.backends.fp32_precision`); the legacy `matmul.allow_tf32 = ...` and
+    `torch.set_float32_matmul_precision(...)` write through to it, but the new API does not write
+    back, and reading `allow_tf32` once the two disagree raises RuntimeError ("mix of the legacy
+    and new APIs"), as it does after `matmul.fp32_precision = "tf32"` or
+    `torch.backends.fp32_precision = "tf32"` (transformers' `tf32=True`). So the new API is read
+    wherever it exists, `allow_tf32` only on a torch without it."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        prec = matmul.fp32_precision
+    except AttributeError:  # a torch without the new API: the legacy flag is the only one
+        return bool(matmul.allow_tf32)
+    if prec in ("none", "default"):
+        # inherited: the global setting (recent getters resolve this themselves; "default" is
+        # how torch 2.7-2.8 spelled "none")
+        prec = getattr(torch.backends, "fp32_precision", "none")
+    return prec == "tf32"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """`input_precision` of tl.dot: true fp32 ("ieee") for float32 operands unless tf32 is allowed."""
-    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+    """`input_precision` of tl.dot: "tf32" for float32 operands where torch's settings allow TF32
+    for float32 matmuls (`tf32_allowed`), else true fp32 ("ieee"); always "ieee" in the
+    interpreter, and for float16 / bfloat16 operands (whose dots ignore it)."""
+    if dtype == torch.float32 and not INTERPRET and tf32_allowed():
         return "tf32"
     return "ieee"
 
