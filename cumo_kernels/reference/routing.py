@@ -33,7 +33,8 @@ def route(
         num_samples: B, the number of samples the balance statistics are taken over.
 
     Returns:
-        weights: [T, k] logits.dtype, the top-k probabilities renormalised to sum to 1.
+        weights: [T, k] logits.dtype, the top-k probabilities renormalised to sum to 1: their
+            sum is rounded to logits.dtype, then the quotients (CuMo's w / w.sum() in that dtype).
         expert_ids: [T, k] int64, descending probability, ties to the lower index.
         prob_sums: [B, E] float32, per-sample sum over tokens of the probabilities rounded to
             logits.dtype.
@@ -46,6 +47,8 @@ def route(
     lf = logits.to(acc)
     probs = torch.softmax(lf, dim=-1).to(dtype)
     selected, expert_ids = _sorted_choices(probs, top_k)
+    # CuMo's w / w.sum() in the activation dtype: torch sums in float32 and rounds the sum to
+    # `dtype`, then divides in float32 and rounds the quotient (both rounding points of CuMo).
     weights = selected / selected.sum(dim=-1, keepdim=True)
     n = T // num_samples if num_samples else 0
     prob_sums = probs.to(acc).view(num_samples, n, E).sum(dim=1)
@@ -68,7 +71,11 @@ def route_backward(
 
     grad_weights [T, k], grad_prob_sums [B, E], grad_z_sums [B] (float32 or any float dtype).
     The rounding of the probabilities to the activation dtype passes gradients unchanged, as
-    the casts in CuMo's own autograd graph do; the choice of experts carries no gradient.
+    the casts in CuMo's own autograd graph do; the choice of experts carries no gradient. The
+    renormalisation w = sel / s is differentiated where CuMo's autograd differentiates it: at the
+    probabilities rounded to the activation dtype and at their sum rounded to it (the tensors its
+    graph saves), in float32 arithmetic; the softmax's backward uses the float32 probabilities
+    (the softmax output that graph saves). For k = 1, s == sel: w is exactly 1, its gradient 0.
     """
     T, E = logits.shape
     B = grad_prob_sums.shape[0]
@@ -78,7 +85,7 @@ def route_backward(
     p = torch.softmax(lf, dim=-1)
     lse = torch.logsumexp(lf, dim=-1)
     sel = p.to(logits.dtype).to(acc).gather(1, expert_ids)
-    s = sel.sum(dim=-1, keepdim=True)
+    s = sel.sum(dim=-1, keepdim=True).to(logits.dtype).to(acc)
     gw = grad_weights.to(acc)
     w = sel / s
     g_sel = (gw - (gw * w).sum(dim=-1, keepdim=True)) / s

@@ -1,7 +1,8 @@
 """Routing kernels: softmax in float32, CuMo's rounding of the probabilities to the activation
-dtype, top-k with the lower-index tie rule, renormalisation, per-sample balance statistics and
-z-loss sums; from given logits (`route`) or fused with the router GEMM x @ gate^T (`route_x`),
-and their backward kernels.
+dtype, top-k with the lower-index tie rule, renormalisation (CuMo's w / w.sum() in the activation
+dtype: the sum rounded to it, then the quotient), per-sample balance statistics and z-loss sums;
+from given logits (`route`) or fused with the router GEMM x @ gate^T (`route_x`), and their
+backward kernels.
 
 Per-sample statistics without atomics: the grid is (sample, chunk of tokens); each program writes
 its partial sums to a [B, chunks, E] buffer that `_route_reduce_kernel` sums in chunk order.
@@ -48,7 +49,11 @@ def _route_tile(lf, rows, rmask, cols, cmask, w_ptr, ids_ptr, TOPK: tl.constexpr
         rank = tl.where(cols[None, :] == idx[:, None], j, rank)
         tl.store(ids_ptr + rows * TOPK + j, idx.to(tl.int64), mask=rmask)
     sel = tl.where(rank >= 0, pr, 0.0)
-    wts = tl.math.div_rn(sel, tl.sum(sel, axis=1)[:, None])
+    # CuMo's w / w.sum() runs in the activation dtype: the sum of the selected probabilities is
+    # rounded to it before the division (and the quotient at the store). For k = 1 the sum is
+    # the probability itself, so the weight is exactly 1.
+    ssum = tl.sum(sel, axis=1).to(w_ptr.dtype.element_ty).to(tl.float32)
+    wts = tl.math.div_rn(sel, ssum[:, None])
     for j in tl.static_range(TOPK):
         wj = tl.sum(tl.where(rank == j, wts, 0.0), axis=1)
         tl.store(w_ptr + rows * TOPK + j, wj.to(w_ptr.dtype.element_ty), mask=rmask)
@@ -174,6 +179,9 @@ def _dlogits_tile(
     for j in tl.static_range(TOPK):
         idj = tl.load(ids_ptr + rows * TOPK + j, mask=rmask, other=0)
         ssum += tl.sum(tl.where(cols[None, :] == idj[:, None], pr, 0.0), axis=1)
+    # CuMo's autograd differentiates sel / sum at the values its graph saved: the rounded
+    # probabilities and their sum rounded to the activation dtype (as the forward).
+    ssum = ssum.to(lg_ptr.dtype.element_ty).to(tl.float32)
     gdot = tl.zeros([BT], dtype=tl.float32)
     for j in tl.static_range(TOPK):
         idj = tl.load(ids_ptr + rows * TOPK + j, mask=rmask, other=0)
