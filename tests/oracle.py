@@ -7,6 +7,11 @@ activation dtype (the inputs' dtype) before the top-k, with a straight-through g
 in CuMo's autograd graph passes gradients unchanged). The expert choice can be given
 (`expert_ids=`), so that low-precision results are compared on the backend's own routing.
 Ties: the lower expert index wins (a stable sort on the negated probabilities).
+
+The renormalised weights have CuMo's rounding points too: the sum of the selected probabilities
+and the quotient are rounded to the activation dtype (as CuMo's `w / w.sum()` in that dtype),
+so that the oracle's low-precision weights are the very values CuMo computes and a backend that
+skips a rounding shows (`assert_weights_exact`, `assert_within_ulp`).
 """
 
 from __future__ import annotations
@@ -91,7 +96,12 @@ def route_oracle(
         # give a rounding-noise gradient that no relative error can be taken against).
         weights = sel * 0.0 + 1.0
     else:
-        weights = sel / sel.sum(dim=-1, keepdim=True)
+        # CuMo's renormalisation `w / w.sum(-1, keepdim=True)` runs in the activation dtype: the
+        # sum is rounded to it (torch accumulates in float32 and rounds the result once), then
+        # the quotient (computed in float32, rounded once). Its autograd graph differentiates
+        # sel / s at the rounded sel and s it saved: round_to's identity gradient does the same.
+        total = round_to(sel.sum(dim=-1, keepdim=True), dtype)
+        weights = round_to(sel / total, dtype)
     prob_sums = p.reshape(num_samples, n, e).sum(dim=1)
     first = torch.zeros(t, e, dtype=F64, device=lg.device)
     first[torch.arange(t), ids[:, 0]] = 1.0
@@ -99,6 +109,64 @@ def route_oracle(
     lse = torch.logsumexp(lg, dim=-1)
     z_sums = (lse**2).reshape(num_samples, n).sum(dim=1)
     return weights, ids, prob_sums, first_counts, z_sums
+
+
+# ------------------------------------------------------------- comparisons at the rounding points
+
+# A backend's float32 softmax is within a few float32 ulps (about 2^-22, relative) of the exact
+# one: a probability closer than HANG to a rounding boundary of the activation dtype may round
+# either way, and with it that token's weights and gradient.
+HANG = 2.0**-18
+# Float32 arithmetic in a routing backward leaves an error of about 2^-24 of the token's largest
+# gradient on the elements that are the small remainder of a cancellation (the unselected
+# experts' gradient through the weights exists only through the rounding points, at ~2^-11 of
+# the row); measured below 2^-23 of the row on the torch backend, allowed: ROW_FLOOR.
+ROW_FLOOR = 2.0**-16
+
+
+def hanging_tokens(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[T] bool: tokens with an exact probability (softmax of `logits` in float64) within HANG of
+    a rounding boundary of `dtype`; their low-precision results may differ from the oracle's by
+    the last bit of a probability."""
+    p = probabilities(up(logits))
+    lo, hi = (p * (1.0 - HANG)).to(dtype), (p * (1.0 + HANG)).to(dtype)
+    return (lo != hi).any(dim=-1).cpu()
+
+
+def assert_weights_exact(weights: torch.Tensor, ref: torch.Tensor, skip: torch.Tensor, name: str = "weights") -> None:
+    """Low-precision `weights` [T, k] equal the oracle's (`ref`, rounded at CuMo's points) bit for
+    bit on every token that `skip` [T] (`hanging_tokens`) does not mark."""
+    keep = ~skip.cpu()
+    got, want = weights.detach().cpu().to(F64), ref.detach().cpu().to(F64)
+    bad = ((got != want).any(dim=-1) & keep).nonzero().flatten()
+    if bad.numel():
+        t = int(bad[0])
+        raise AssertionError(
+            f"{name}: {bad.numel()} of {int(keep.sum())} tokens differ from the oracle's weights (rounded where "
+            f"CuMo rounds); token {t}: got {got[t].tolist()}, oracle {want[t].tolist()}"
+        )
+
+
+def assert_within_ulp(
+    out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name: str, skip: torch.Tensor | None = None
+) -> None:
+    """Every element of `out` [T, E] (in `dtype`) within one ulp of `dtype` of the float64 `ref`,
+    plus ROW_FLOOR times the largest |ref| of its row (float32 arithmetic on cancellations); rows
+    that `skip` [T] marks are left out. NaN never passes."""
+    from cumo_kernels.testing import ulp
+
+    got, want = out.detach().cpu().to(F64), ref.detach().cpu().to(F64)
+    allowed = ulp(want, dtype) + ROW_FLOOR * want.abs().amax(dim=-1, keepdim=True)
+    bad = ~((got - want).abs() <= allowed)
+    if skip is not None:
+        bad &= ~skip.cpu().reshape(-1, 1)
+    if bad.any():
+        t, e = (int(i) for i in bad.nonzero()[0])
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.numel()} elements further than one ulp of {dtype} from the oracle "
+            f"(+ {ROW_FLOOR:.1e} of the row); [{t}, {e}]: got {got[t, e].item():.6g}, oracle {want[t, e].item():.6g}, "
+            f"ulp {ulp(want[t, e], dtype).item():.3g}; row got {got[t].tolist()}, oracle {want[t].tolist()}"
+        )
 
 
 def aux_losses_oracle(
