@@ -82,6 +82,9 @@ CUMO_HD float route_token(const float* l, int E, int k, int dtype, float* probs,
 // Backward of one token: gradient of (weights, this sample's prob_sums row, z_sums) with respect
 // to the logits, in float32 (the caller rounds). gw[0..k), gp[0..E) (the token's sample row), gz.
 // The rounding to the activation dtype passes gradients unchanged; the choice carries none.
+// w = sel / sum is differentiated at the values CuMo's autograd saved: the probabilities and
+// their sum rounded to the activation dtype (as route_token); the softmax backward uses the
+// float32 probabilities. For k = 1, sum == sel: the weight is exactly 1, its gradient 0.
 CUMO_HD void route_token_backward(const float* l, int E, int k, int dtype, const int* ids, const float* gw,
                                   const float* gp, float gz, float* dl) {
   float m = l[0];
@@ -93,6 +96,7 @@ CUMO_HD void route_token_backward(const float* l, int E, int k, int dtype, const
   for (int e = 0; e < E; ++e) p[e] = expf(l[e] - m) / s;
   float sel_sum = 0.f;
   for (int j = 0; j < k; ++j) sel_sum += round_to(p[ids[j]], dtype);
+  sel_sum = round_to(sel_sum, dtype);  // as in route_token
   float dot = 0.f;  // sum_j gw_j * w_j
   for (int j = 0; j < k; ++j) dot += gw[j] * (round_to(p[ids[j]], dtype) / sel_sum);
   for (int e = 0; e < E; ++e) dl[e] = gp[e];  // dprobs

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import types
 
+import oracle
 import pytest
 import torch
 from conftest import HAS_CUDA, env_flag
@@ -181,6 +182,12 @@ def test_route_token_math_matches_reference(dtype, case, kind):
     assert torch.equal(hw.to(dtype).float(), hw), "weights are not rounded to the activation dtype"
     tol = 1e-6 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(hw, w.float(), rtol=tol, atol=tol)
+    low = dtype != torch.float32
+    hang = oracle.hanging_tokens(logits, dtype)
+    l64 = oracle.up(logits, True)
+    rw, _, rps, _, rzs = oracle.route_oracle(logits, k, b, logits64=l64, expert_ids=ids)
+    if low:  # CuMo's weights: the sum and the quotient rounded to the dtype, bit for bit
+        oracle.assert_weights_exact(hw, rw, hang, "host weights")
     torch.testing.assert_close(torch.tensor(out.prob_sums).view(b, e), ps, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.tensor(out.z_sums), zs, rtol=1e-5, atol=1e-5)
 
@@ -195,6 +202,10 @@ def test_route_token_math_matches_reference(dtype, case, kind):
     got = torch.tensor(got).view(t, e)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, want.float(), rtol=tol, atol=tol * max(1.0, want.float().abs().max().item()))
+    if low:  # at CuMo's rounding points (the rounded probabilities and their rounded sum)
+        ref = (rw * gw.double()).sum() + (rps * gp.double()).sum() + (rzs * gz.double()).sum()
+        (rl,) = torch.autograd.grad(ref, l64)
+        oracle.assert_within_ulp(got, rl, dtype, "host grad logits", skip=hang)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 256])
