@@ -31,7 +31,7 @@ pm = importlib.import_module("cumo_kernels.triton.permutation")
 
 _I64 = {"offsets_ptr", "idx_ptr", "ids_ptr", "sort_ptr", "inv_ptr"}
 _F32 = {"ps_part", "fc_part", "z_part", "ps_ptr", "fc_ptr", "z_ptr", "gp_ptr", "gz_ptr"}
-_T = dict(BM=64, BN=64, BK=32)
+_T = dict(BM=64, BN=64, BK=32, GROUP_M=8)
 
 # (kernel name, constexprs)
 VARIANTS = [
@@ -45,10 +45,11 @@ VARIANTS = [
         "_grouped_fwd_tma_kernel",
         dict(HAS_BIAS=True, ACT=0, GATHER=False, SCATTER=True, STORE_PRE=False, PREC="ieee", **_T),
     ),
-    ("_grouped_dx_kernel", dict(ACT=1, GATHER_G=False, SCATTER=True, GW=False, PREC="ieee", **_T)),
-    ("_grouped_dx_kernel", dict(ACT=0, GATHER_G=True, SCATTER=False, GW=True, PREC="ieee", **_T)),
-    ("_grouped_dw_kernel", dict(HAS_BIAS=True, ACT=3, GATHER_X=True, GATHER_G=False, PREC="ieee", **_T)),
-    ("_grouped_dw_kernel", dict(HAS_BIAS=True, ACT=0, GATHER_X=False, GATHER_G=True, PREC="ieee", **_T)),
+    ("_grouped_dx_kernel", dict(GATHER_G=False, SCATTER=True, GW=False, PREC="ieee", **_T)),
+    ("_grouped_dx_kernel", dict(GATHER_G=True, SCATTER=False, GW=True, PREC="ieee", **_T)),
+    ("_grouped_dw_kernel", dict(HAS_BIAS=True, GATHER_X=True, GATHER_G=False, PREC="ieee", **_T)),
+    ("_grouped_dw_kernel", dict(HAS_BIAS=True, GATHER_X=False, GATHER_G=True, PREC="ieee", **_T)),
+    ("_act_grad_kernel", dict(ACT=2, BLOCK=1024)),
     ("_route_x_kernel", dict(TOPK=2, PREC="ieee", BT=64, BE=16, BD=64)),
     ("_route_kernel", dict(TOPK=2, BT=64, BE=4)),
     ("_route_reduce_kernel", dict(BE=16)),
@@ -125,13 +126,12 @@ _GEMM = [
     ("forward", "_grouped_fwd_kernel", dict(HAS_BIAS=True, ACT=1, GATHER=True, SCATTER=False, STORE_PRE=True)),
     ("forward", "_grouped_fwd_tma_kernel", dict(HAS_BIAS=True, ACT=1, GATHER=True, SCATTER=False, STORE_PRE=True)),
     ("forward", "_grouped_fwd_tma_kernel", dict(HAS_BIAS=True, ACT=0, GATHER=False, SCATTER=True, STORE_PRE=False)),
-    ("dX", "_grouped_dx_kernel", dict(ACT=1, GATHER_G=False, SCATTER=True, GW=False)),
-    ("dX", "_grouped_dx_kernel", dict(ACT=0, GATHER_G=True, SCATTER=False, GW=True)),
-    ("dX", "_grouped_dx_kernel", dict(ACT=0, GATHER_G=False, SCATTER=False, GW=False)),
-    ("dW", "_grouped_dw_kernel", dict(HAS_BIAS=True, ACT=1, GATHER_X=True, GATHER_G=False)),
-    ("dW", "_grouped_dw_kernel", dict(HAS_BIAS=True, ACT=0, GATHER_X=False, GATHER_G=True)),
-    ("dW", "_grouped_dw_kernel", dict(HAS_BIAS=True, ACT=1, GATHER_X=False, GATHER_G=False)),
-    ("dW", "_grouped_dw_kernel", dict(HAS_BIAS=False, ACT=0, GATHER_X=False, GATHER_G=False)),
+    ("dX", "_grouped_dx_kernel", dict(GATHER_G=False, SCATTER=True, GW=False)),
+    ("dX", "_grouped_dx_kernel", dict(GATHER_G=True, SCATTER=False, GW=True)),
+    ("dX", "_grouped_dx_kernel", dict(GATHER_G=False, SCATTER=False, GW=False)),
+    ("dW", "_grouped_dw_kernel", dict(HAS_BIAS=True, GATHER_X=True, GATHER_G=False)),
+    ("dW", "_grouped_dw_kernel", dict(HAS_BIAS=True, GATHER_X=False, GATHER_G=True)),
+    ("dW", "_grouped_dw_kernel", dict(HAS_BIAS=False, GATHER_X=False, GATHER_G=False)),
 ]
 # (dtype, dot precision, aligned): fp32 with ieee and tf32 dots (allow_tf32), fp16, bf16; fp32
 # also unaligned (a few of its kernels take a little more memory so).
@@ -169,7 +169,9 @@ def test_gemm_shared_memory_estimate_sm90(variant, dot):
     for cfg in configs:
         meta = _common.config_meta(cfg)
         opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        shared = _compile(name, {**consts, "PREC": prec, **cfg.kwargs}, dtype, 90, opts, aligned).metadata.shared
+        shared = _compile(
+            name, {**consts, "PREC": prec, "GROUP_M": 8, **cfg.kwargs}, dtype, 90, opts, aligned
+        ).metadata.shared
         want = est(meta, elt)
         table.append(f"{cfg.kwargs} stages={cfg.num_stages}: {shared} B (estimate {want}, kept {meta in kept})")
         if shared > want:
@@ -197,3 +199,45 @@ def test_routing_divides_with_ieee_rounding(name, consts, topk):
     ptx = _compile(name, dict(consts, TOPK=topk), "fp32", 90).asm["ptx"]
     assert "div.full.f32" not in ptx, f"{name}: approximate float32 division in the PTX"
     assert "div.rn.f32" in ptx
+
+
+def _ptxas_spills(ptx: str, arch: str = "sm_90a") -> tuple[int, int, str]:
+    """(spill store bytes, spill load bytes, ptxas's -v report) of a kernel's PTX, through the
+    ptxas the triton wheel ships (what the GPU build would run)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        proc = subprocess.run(
+            [get_ptxas(90).path, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    report = proc.stderr
+    stores = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", report))
+    loads = sum(int(v) for v in re.findall(r"(\d+) bytes spill loads", report))
+    return stores, loads, report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("variant", _GEMM, ids=_gemm_id)
+def test_gemm_configs_do_not_spill_sm90(variant, dtype):
+    """Every config of the autotune set in bf16 and fp16, compiled for sm90 with the divisibility a
+    GPU launch has: ptxas (the triton wheel's, -v) reports no register spill."""
+    _, name, consts = variant
+    failures = []
+    for cfg in gg._configs():
+        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        k = _compile(name, {**consts, "PREC": "ieee", "GROUP_M": 8, **cfg.kwargs}, dtype, 90, opts, True)
+        stores, loads, report = _ptxas_spills(k.asm["ptx"])
+        if stores or loads:
+            failures.append(f"{cfg.kwargs} stages={cfg.num_stages}: {stores} B spill stores, {loads} B spill loads")
+    assert not failures, f"{name} {consts} spills:\n" + "\n".join(failures)

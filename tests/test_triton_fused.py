@@ -299,7 +299,8 @@ FORWARD_LAUNCHES = [
 BACKWARD_LAUNCHES = [
     "_grouped_dx_kernel",  # fc2: d h, with grad_out gathered and scaled on load, + d routing weights
     "_grouped_dw_kernel",  # fc2: d w2, d b2
-    "_grouped_dx_kernel",  # fc1: d x in slot order, act'(pre) on load
+    "_act_grad_kernel",  # fc1: d pre = d h * act'(pre), once
+    "_grouped_dx_kernel",  # fc1: d x in slot order
     "_grouped_dw_kernel",  # fc1: d w1, d b1, x gathered on load
     "_slot_sum_kernel",  # fc1: sum over each token's k slots
     "_route_x_bwd_kernel",  # d logits and the router's share of d x
@@ -413,19 +414,26 @@ def test_triton_autotune_smem_prune():
     from cumo_kernels.triton import _common, grouped_gemm
 
     configs = grouped_gemm._configs()
-    big = [c for c in configs if c.kwargs["BM"] == c.kwargs["BN"] == 128]
+    limit = _common.SMEM_SM90
+    # fp32: dX loses its BM128 x BN128 x BK64 config (a 128 x 64 gradient tile per stage), dW both
+    # BM128 x BN128 configs (its 128 x 128 gradient tiles)
+    big_dx = [c for c in configs if grouped_gemm.smem_dx(_common.config_meta(c), 4) > limit]
+    big_dw = [c for c in configs if c.kwargs["BM"] == c.kwargs["BN"] == 128]
+    assert [c.kwargs for c in big_dx] == [{"BM": 128, "BN": 128, "BK": 64}]
     prune = _common.smem_pruner(grouped_gemm.smem_dx)
     f32 = prune(configs, {"g_ptr": torch.empty(2), "N": 16}, extra=1)
-    assert f32 == [c for c in configs if c not in big] and big
+    assert f32 == [c for c in configs if c not in big_dx]
     assert prune(configs, {"g_ptr": torch.empty(2, dtype=torch.float16)}) == configs
     assert prune(configs, named_args={"g_ptr": torch.empty(2)}) == f32
     assert prune(configs, {}) == f32  # no tensor: 4-byte elements
+    f32_dw = _common.smem_pruner(grouped_gemm.smem_dw)(configs, {"g_ptr": torch.empty(2)})
+    assert f32_dw == [c for c in configs if c not in big_dw]
     smallest = _common.smem_fits(configs, grouped_gemm.smem_dw, 4, 1024)
     assert smallest == [configs[0]]
-    for cfg in big:
-        reason = grouped_gemm.smem_pruned(cfg, torch.float32, _common.SMEM_SM90)
-        assert reason and "dX" in reason and str(_common.SMEM_SM90) in reason
-        assert grouped_gemm.smem_pruned(cfg, torch.bfloat16, _common.SMEM_SM90) is None
+    for cfg in big_dw:
+        reason = grouped_gemm.smem_pruned(cfg, torch.float32, limit)
+        assert reason and ("dX" in reason or "dW" in reason) and str(limit) in reason
+        assert grouped_gemm.smem_pruned(cfg, torch.bfloat16, limit) is None
     if _common.AUTOTUNE:
         for kernel in (grouped_gemm._fwd, grouped_gemm._fwd_tma, grouped_gemm._dx, grouped_gemm._dw):
             assert isinstance(kernel, Autotuner) and kernel.early_config_prune is not None

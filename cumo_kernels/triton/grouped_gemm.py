@@ -1,9 +1,9 @@
 """Grouped GEMM kernels: one launch for all experts over rows grouped by expert.
 
-Tile schedule without a host sync: the grid's first axis has cdiv(M, BM) + E programs, an upper
-bound on sum_e cdiv(M_e, BM) for any split of M rows; each program walks the E+1 offsets (E is
-small) to find its expert and row block, and a program past the last tile runs no K iterations
-and stores nothing.
+Tile schedule without a host sync: there are cdiv(M, BM) + E row tiles, an upper bound on
+sum_e cdiv(M_e, BM) for any split of M rows; each program walks the E+1 offsets (E is small) to
+find its expert and row block, and a program past the last tile runs no K iterations and stores
+nothing.
 
 Options, each a constexpr:
 - GATHER (forward, dW): A's rows are read through the sort order, x[sort_idx[r] // k], so no
@@ -14,10 +14,18 @@ Options, each a constexpr:
   grad_out[sort_idx[r] // k] * routing_weight[sort_idx[r]]; with GW, the dX programs of the first
   column block also compute grad_routing_weight[s] = <y_slot[s], grad_out[s // k]>.
 - ACT: bias + activation fused into the forward epilogue (the pre-activation is stored for the
-  backward); the backward multiplies by act'(pre) on load, in both the dX and dW kernels, so the
-  gradient before the activation is never materialised.
-dW is a per-expert reduction over that expert's rows in row order (grid E x N-blocks x K-blocks),
-with d bias accumulated by the first K block: no atomics, deterministic.
+  backward). The backward forms grad * act'(pre) once, in one elementwise pass, and hands it to
+  the dX and dW kernels (which before recomputed it on load, once per output tile: 16-64 times
+  per element at CuMo's shapes).
+dW is a per-expert reduction over that expert's rows in row order (E x N-blocks x K-blocks
+programs), with d bias accumulated by the first K block: no atomics, deterministic.
+
+Tile order (issue #19; counted in benchmarks/NOTES.md and `python -m benchmarks.traffic`): every
+grid is one-dimensional and grouped: GROUP consecutive row tiles (dW: GROUP consecutive N blocks of
+one expert) take all their column tiles before the next group starts, so the programs running at
+one time share both operands' panels in L2 instead of streaming every row again for each column
+tile. The dX kernel's output tile is BM x BN (BK is its reduction step), as wide as the
+forward's, not BK wide.
 """
 
 from __future__ import annotations
@@ -62,7 +70,14 @@ def _configs() -> list:
     ]
 
 
+# Autotune keys: the problem's widths and row-count bucket, and the compile-time variant (one
+# timing is not reused across variants that compile to different code).
 _KEY = ["N", "K", "M_BUCKET"]
+_FWD_KEY = _KEY + ["HAS_BIAS", "ACT", "GATHER", "SCATTER", "STORE_PRE", "PREC"]
+_DX_KEY = _KEY + ["GATHER_G", "SCATTER", "GW", "PREC"]
+_DW_KEY = _KEY + ["HAS_BIAS", "GATHER_X", "GATHER_G", "PREC"]
+# Row tiles (dW: N blocks) per group of the grouped tile order.
+GROUP = 8
 
 # Shared memory per kernel and element size, a model of Triton's software pipeliner (3.6) kept an
 # upper bound of the compiled kernels' allocation by tests/test_triton_compile.py (sm90, every
@@ -82,11 +97,11 @@ def smem_fwd(meta: dict, elt: int) -> int:
 
 
 def smem_dx(meta: dict, elt: int) -> int:
-    """dX: W's BN x BK tile (num_stages buffers) and the gradient: num_stages buffers where it
-    goes straight into the dot, else num_stages - 1 of it and of the pre-activation and one of the
-    scaled gradient, 2 * num_stages - 1 BM x BN tiles (the larger for any num_stages >= 1)."""
+    """dX (output tile BM x BN over K, reduction steps of BK over N): W's BK x BN tile (num_stages
+    buffers) and the gradient's BM x BK tile: num_stages buffers where it goes straight into the
+    dot, else num_stages - 1 of it and one of the scaled gradient; bounded by 2 * num_stages - 1."""
     s, bm, bn, bk = meta["num_stages"], meta["BM"], meta["BN"], meta["BK"]
-    return (s * bn * bk + (2 * s - 1) * bm * bn) * elt + _SMEM_SLACK
+    return (s * bn * bk + (2 * s - 1) * bm * bk) * elt + _SMEM_SLACK
 
 
 def smem_dw(meta: dict, elt: int) -> int:
@@ -142,6 +157,31 @@ def _find_tile(offsets_ptr, E, pid, BM: tl.constexpr):
         row_end = tl.where(hit, t, row_end)
         acc += n_t
     return e_sel, row0, row_end
+
+
+@triton.jit
+def _grouped_order(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of the pid-th program of a one-dimensional grid in grouped order: GROUP_M
+    consecutive row tiles take all num_n column tiles before the next group starts, the row index
+    running fastest within a group, so that programs launched together read GROUP_M row panels and
+    a few column panels (each from HBM once while they run, then from L2)."""
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size
+    pid_n = (pid % width) // size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _tile_of(pid, offsets_ptr, E, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program pid over the grouped kernels' tiles: cdiv(M, BM) + E row tiles
+    (an upper bound of the experts' tiles; M = offsets[E]) by cdiv(N, BN) column tiles."""
+    m_total = tl.load(offsets_ptr + E)
+    num_m = (m_total + BM - 1) // BM + E
+    num_n = (N + BN - 1) // BN
+    return _grouped_order(pid, num_m, num_n, GROUP_M)
 
 
 @triton.jit
@@ -235,12 +275,12 @@ def _grouped_fwd_kernel(
     SCATTER: tl.constexpr,
     STORE_PRE: tl.constexpr,
     PREC: tl.constexpr,
+    GROUP_M: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_of(tl.program_id(0), offsets_ptr, E, N, BM, BN, GROUP_M)
     e_sel, row0, rows, rmask, slot, arow, cols, cmask, e_safe = _row_tile(
         offsets_ptr, idx_ptr, E, N, top_k, pid_m, pid_n, GATHER, SCATTER, BM, BN
     )
@@ -279,6 +319,7 @@ def _grouped_fwd_tma_kernel(
     SCATTER: tl.constexpr,
     STORE_PRE: tl.constexpr,
     PREC: tl.constexpr,
+    GROUP_M: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -288,8 +329,7 @@ def _grouped_fwd_tma_kernel(
     descriptors (w viewed as [E*N, K], a as [M, K]). A block may read rows of the next expert or
     the next expert's weight rows: those rows / columns are masked at the store, and TMA zero-fills
     past the tensors' ends."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_of(tl.program_id(0), offsets_ptr, E, N, BM, BN, GROUP_M)
     e_sel, row0, rows, rmask, slot, arow, cols, cmask, e_safe = _row_tile(
         offsets_ptr, idx_ptr, E, N, top_k, pid_m, pid_n, GATHER, SCATTER, BM, BN
     )
@@ -311,31 +351,34 @@ def _grouped_fwd_tma_kernel(
 
 
 @triton.jit
-def _load_grad(
-    g_ptr, pre_ptr, rw_ptr, rows, slot, rmask, ns, nmask, N, top_k, ACT: tl.constexpr, GATHER_G: tl.constexpr
-):
-    """The gradient before the activation for rows x ns, in the operands' dtype: grad_y, or
-    grad_out[slot // k] * routing_weight[slot] (GATHER_G), times act'(pre) (ACT)."""
+def _load_grad(g_ptr, rw_ptr, rows, slot, rmask, ns, nmask, N, top_k, GATHER_G: tl.constexpr):
+    """The gradient of rows x ns, in the operands' dtype: grad rows as they are, or
+    grad_out[slot // k] * routing_weight[slot] (GATHER_G; the product rounded to the dtype)."""
     m = rmask[:, None] & nmask[None, :]
     grow = rows
     if GATHER_G:
         grow = slot // top_k
     g = tl.load(g_ptr + grow[:, None] * N + ns[None, :], mask=m, other=0.0)
-    if GATHER_G or ACT != 0:
-        gf = g.to(tl.float32)
-        if GATHER_G:
-            gf = gf * tl.load(rw_ptr + slot, mask=rmask, other=0.0).to(tl.float32)[:, None]
-        if ACT != 0:
-            p = tl.load(pre_ptr + rows[:, None] * N + ns[None, :], mask=m, other=0.0)
-            gf = gf * act_grad(p.to(tl.float32), ACT)
+    if GATHER_G:
+        gf = g.to(tl.float32) * tl.load(rw_ptr + slot, mask=rmask, other=0.0).to(tl.float32)[:, None]
         g = gf.to(g_ptr.dtype.element_ty)
     return g
 
 
 @triton.jit
+def _act_grad_kernel(g_ptr, pre_ptr, out_ptr, NUMEL, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """out = g * act'(pre), in float32, rounded to the dtype: the gradient before the activation,
+    once per element (the dX and dW kernels then read it as it is)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < NUMEL
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    p = tl.load(pre_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (g * act_grad(p, ACT)).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _grouped_dx_kernel(
     g_ptr,
-    pre_ptr,
     w_ptr,
     dx_ptr,
     offsets_ptr,
@@ -348,30 +391,30 @@ def _grouped_dx_kernel(
     E,
     top_k,
     M_BUCKET,
-    ACT: tl.constexpr,
     GATHER_G: tl.constexpr,
     SCATTER: tl.constexpr,
     GW: tl.constexpr,
     PREC: tl.constexpr,
+    GROUP_M: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """dx[rows, ks] = sum_n g'[rows, n] * w[e, n, ks] (w[e] is [N, K])."""
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    """dx[rows, ks] = sum_n g[rows, n] * w[e, n, ks] (w[e] is [N, K]): an output tile of BM rows
+    by BN columns of K, reduction steps of BK over N."""
+    pid_m, pid_n = _tile_of(tl.program_id(0), offsets_ptr, E, K, BM, BN, GROUP_M)
     e_sel, _, rows, rmask, slot, _, ks, kmask, e_safe = _row_tile(
-        offsets_ptr, idx_ptr, E, K, top_k, pid_m, pid_k, GATHER_G, SCATTER, BM, BK
+        offsets_ptr, idx_ptr, E, K, top_k, pid_m, pid_n, GATHER_G, SCATTER, BM, BN
     )
     w_base = w_ptr + e_safe * N * K
-    acc = tl.zeros([BM, BK], dtype=tl.float32)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
     gw = tl.zeros([BM], dtype=tl.float32)
-    first = pid_k == 0
+    first = pid_n == 0
     n_end = tl.where(e_sel >= 0, N, 0)
-    for n0 in range(0, n_end, BN):
-        ns = n0 + tl.arange(0, BN)
+    for n0 in range(0, n_end, BK):
+        ns = n0 + tl.arange(0, BK)
         nmask = ns < N
-        g = _load_grad(g_ptr, pre_ptr, rw_ptr, rows, slot, rmask, ns, nmask, N, top_k, ACT, GATHER_G)
+        g = _load_grad(g_ptr, rw_ptr, rows, slot, rmask, ns, nmask, N, top_k, GATHER_G)
         wt = tl.load(w_base + ns[:, None] * K + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
         acc = tl.dot(g, wt, acc, input_precision=PREC)
         if GW:
@@ -390,7 +433,6 @@ def _grouped_dx_kernel(
 @triton.jit
 def _grouped_dw_kernel(
     g_ptr,
-    pre_ptr,
     x_ptr,
     dw_ptr,
     db_ptr,
@@ -399,21 +441,26 @@ def _grouped_dw_kernel(
     rw_ptr,
     N,
     K,
+    E,
     top_k,
     M_BUCKET,
     HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr,
     GATHER_X: tl.constexpr,
     GATHER_G: tl.constexpr,
     PREC: tl.constexpr,
+    GROUP_M: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """dw[e, ns, ks] = sum over expert e's rows of g'[r, ns]^T x[r, ks]; db[e, ns] = sum g'[r, ns]."""
-    e = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    """dw[e, ns, ks] = sum over expert e's rows of g[r, ns]^T x[r, ks]; db[e, ns] = sum g[r, ns].
+    Program order: expert-major, then GROUP_M N blocks at a time by every K block (grouped), so
+    that the programs running together walk the same rows of g and x."""
+    num_n = (N + BN - 1) // BN
+    num_k = (K + BK - 1) // BK
+    pid = tl.program_id(0)
+    e = pid // (num_n * num_k)
+    pid_n, pid_k = _grouped_order(pid % (num_n * num_k), num_n, num_k, GROUP_M)
     start = tl.load(offsets_ptr + e)
     end = tl.load(offsets_ptr + e + 1)
     ns = pid_n * BN + tl.arange(0, BN)
@@ -429,7 +476,7 @@ def _grouped_dw_kernel(
         slot = rows
         if GATHER_X or GATHER_G:
             slot = tl.load(idx_ptr + rows, mask=rmask, other=0)
-        g = _load_grad(g_ptr, pre_ptr, rw_ptr, rows, slot, rmask, ns, nmask, N, top_k, ACT, GATHER_G)
+        g = _load_grad(g_ptr, rw_ptr, rows, slot, rmask, ns, nmask, N, top_k, GATHER_G)
         xrow = rows
         if GATHER_X:
             xrow = slot // top_k
@@ -443,10 +490,10 @@ def _grouped_dw_kernel(
         tl.store(db_ptr + e * N + ns, db.to(db_ptr.dtype.element_ty), mask=nmask & (pid_k == 0))
 
 
-_fwd = autotuned(_grouped_fwd_kernel, _configs(), _KEY, smem_fwd)
-_fwd_tma = autotuned(_grouped_fwd_tma_kernel, _tma_configs(), _KEY, smem_fwd)
-_dx = autotuned(_grouped_dx_kernel, _configs(), _KEY, smem_dx)
-_dw = autotuned(_grouped_dw_kernel, _configs(), _KEY, smem_dw)
+_fwd = autotuned(_grouped_fwd_kernel, _configs(), _FWD_KEY, smem_fwd)
+_fwd_tma = autotuned(_grouped_fwd_tma_kernel, _tma_configs(), _FWD_KEY, smem_fwd)
+_dx = autotuned(_grouped_dx_kernel, _configs(), _DX_KEY, smem_dx)
+_dw = autotuned(_grouped_dw_kernel, _configs(), _DW_KEY, smem_dw)
 
 SMEM_ESTIMATES = {"forward": smem_fwd, "dX": smem_dx, "dW": smem_dw}
 """The shared memory estimate of each autotuned GEMM kernel (the TMA forward: `smem_fwd`)."""
@@ -520,8 +567,11 @@ def forward(
         scatter,
         store_pre,
         dot_precision(a.dtype),
+        GROUP,
     )
-    grid = lambda meta: (triton.cdiv(m, meta["BM"]) + e, triton.cdiv(n, meta["BN"]))  # noqa: E731
+    # one-dimensional, grouped order (_tile_of): row tiles (an upper bound: cdiv(m, BM) + E) by
+    # column tiles
+    grid = lambda meta: ((triton.cdiv(m, meta["BM"]) + e) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     if _tma_usable(a, weight):
         # block shapes: the launch's explicit config, else placeholders the autotune pre-hook sets
         bs = explicit_meta(_FIXED) or _FIXED
@@ -550,7 +600,8 @@ def backward(
     routing_weights: torch.Tensor | None = None,
     y_slot: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(dx, dw, db or None, grad routing weights or None); two launches (dX, dW + db).
+    """(dx, dw, db or None, grad routing weights or None); two launches (dX, dW + db), after a
+    third that forms grad * act'(pre) when `activation` is not "none".
 
     grad: [M, N] in grouped order, or with `routing_weights` [T, k] given, grad_out [T, N] of the
     weighted combine (gathered and scaled on load); `y_slot` [T*k, N] (the forward's output in
@@ -573,10 +624,12 @@ def backward(
     rw = routing_weights.contiguous() if gather_g else grad
     prec = dot_precision(x.dtype)
     bucket = _bucket(m)
+    if act and m:
+        # The gradient before the activation, once (not once per output tile of dX and dW).
+        grad = act_grad_pass(grad, pre.contiguous(), act)
     if m:
         dx_args = (
             grad,
-            pre if act else grad,
             weight,
             dx,
             offsets,
@@ -589,16 +642,15 @@ def backward(
             e,
             top_k,
             bucket,
-            act,
             gather_g,
             scatter_dx,
             gw_on,
             prec,
+            GROUP,
         )
-        launch(_dx, lambda meta: (triton.cdiv(m, meta["BM"]) + e, triton.cdiv(k, meta["BK"])), dx_args, _FIXED)
+        launch(_dx, lambda meta: ((triton.cdiv(m, meta["BM"]) + e) * triton.cdiv(k, meta["BN"]),), dx_args, _FIXED)
     dw_args = (
         grad,
-        pre if act else grad,
         x,
         dw,
         db if has_bias else dw,
@@ -607,16 +659,30 @@ def backward(
         rw,
         n,
         k,
+        e,
         top_k,
         bucket,
         has_bias,
-        act,
         gather_x,
         gather_g,
         prec,
+        GROUP,
     )
-    launch(_dw, lambda meta: (e, triton.cdiv(n, meta["BN"]), triton.cdiv(k, meta["BK"])), dw_args, _FIXED)
+    launch(_dw, lambda meta: (e * triton.cdiv(n, meta["BN"]) * triton.cdiv(k, meta["BK"]),), dw_args, _FIXED)
     return dx, dw, db, grw
+
+
+_ACT_BLOCK = 1024
+
+
+@on_tensor_device
+def act_grad_pass(grad: torch.Tensor, pre: torch.Tensor, act: int) -> torch.Tensor:
+    """grad * act'(pre) (float32 math, rounded to grad's dtype): one launch over [M, N]."""
+    out = torch.empty_like(grad)
+    numel = grad.numel()
+    if numel:
+        _act_grad_kernel[(triton.cdiv(numel, _ACT_BLOCK),)](grad, pre, out, numel, act, _ACT_BLOCK)
+    return out
 
 
 def grouped_linear(
