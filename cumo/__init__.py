@@ -9,8 +9,14 @@
 - `aux_loss`: CuMo's 0.1 * balance + 0.01 * z per place.
 - `MultiScaleVisionTower`: CuMo's S^2 (scales 1, 3) wrapper.
 
+- `CLIPMoEVisionModel`, `CLIPMoEVisionModelWithProjection`, `CLIPMoEVisionConfig`: the CLIP-MoE tower
+  as transformers classes (transformers' own `from_pretrained` / `save_pretrained`, `AutoModel`).
+
 Nothing here chooses a backend: `backend=` is passed through to the kernels. transformers (the `hf`
-extra) is imported only by the functions that need it.
+extra) is optional: `import cumo` works without it; where it is installed, `import cumo` imports its
+CLIP classes and registers the CLIP-MoE tower with `AutoConfig` / `AutoModel` and its checkpoint
+key mapping with transformers' loader (so that `AutoModel.from_pretrained` of a saved tower works
+once cumo is imported).
 """
 
 from . import checkpoint
@@ -20,8 +26,32 @@ from .s2 import MultiScaleVisionTower
 from .upcycle import upcycle_mlp
 from .vision import collect_aux_losses, convert_clip_to_moe, enable_activation_checkpointing, from_pretrained
 
+try:  # transformers (the `hf` extra) installed, and new enough for the CLIP-MoE classes
+    from . import _hf
+except ImportError:  # the classes' names below then raise the install hint
+    _hf = None
+else:
+    _hf.register()
+    CLIPMoEVisionConfig = _hf.CLIPMoEVisionConfig
+    CLIPMoEVisionModel = _hf.CLIPMoEVisionModel
+    CLIPMoEVisionModelWithProjection = _hf.CLIPMoEVisionModelWithProjection
+
+_HF_NAMES = ("CLIPMoEVisionConfig", "CLIPMoEVisionModel", "CLIPMoEVisionModelWithProjection")
+
+
+def __getattr__(name: str):
+    if name in _HF_NAMES:  # only reached when the import above failed
+        from .vision import _hf_module
+
+        return getattr(_hf_module(), name)
+    raise AttributeError(f"module 'cumo' has no attribute {name!r}")
+
+
 __all__ = [
     "BALANCE_COEF",
+    "CLIPMoEVisionConfig",
+    "CLIPMoEVisionModel",
+    "CLIPMoEVisionModelWithProjection",
     "CLIPMoEMLP",
     "MLPMoE",
     "MultiScaleVisionTower",

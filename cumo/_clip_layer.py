@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from .blocks import CLIPMoEMLP
-from .upcycle import upcycle_mlp
+from .upcycle import activation_name, upcycle_mlp
 
 
 class CLIPMoEEncoderLayer(CLIPEncoderLayer):
@@ -26,8 +26,10 @@ class CLIPMoEEncoderLayer(CLIPEncoderLayer):
     the hidden states only, once per call: the recomputation in the backward runs `forward`
     alone and overwrites nothing.
 
-    State dict: CuMo's keys, `gate.weight` and `experts.{i}.fc1.weight|bias`, `experts.{i}.fc2.weight|bias`
-    directly under the layer (the hooks move `mlp.`'s keys up on save and down on load).
+    State dict: the parameters' own names (`mlp.gate.weight`, `mlp.w1`, `mlp.b1`, `mlp.w2`, `mlp.b2`),
+    so that loaders that walk modules by key (transformers, accelerate) find them. `load_state_dict`
+    also takes CuMo's keys, `gate.weight` and `experts.{i}.fc1.weight|bias`, `experts.{i}.fc2.weight|bias`
+    directly under the layer (a load pre-hook moves them under `mlp.`, whose own hook stacks them).
     """
 
     _cumo_moe_layer = True
@@ -56,26 +58,9 @@ class CLIPMoEEncoderLayer(CLIPEncoderLayer):
         return state
 
 
-def _layer_state_dict_hook(module: nn.Module, sd: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    # Only CuMo's names move up (a stacked placeholder that `_keys.unstack` left, e.g. under ZeRO-3,
-    # stays under mlp., where it loads back).
-    src = prefix + "mlp."
-    for k in [k for k in sd if k.startswith((src + "gate.", src + "experts."))]:
-        sd[prefix + k[len(src) :]] = sd.pop(k)
-
-
 def _layer_load_pre_hook(module: nn.Module, sd: dict[str, Any], prefix: str, *args: Any) -> None:
     for k in [k for k in sd if k.startswith((prefix + "gate.", prefix + "experts."))]:
         sd[prefix + "mlp." + k[len(prefix) :]] = sd.pop(k)
-
-
-def _layer_load_post_hook(module: nn.Module, incompatible_keys: Any) -> None:
-    prefix = getattr(module.mlp, "_cumo_load_prefix", None)  # the mlp's: "<layer prefix>mlp."
-    if prefix is None or not prefix.endswith("mlp."):
-        return
-    layer_prefix = prefix[: -len("mlp.")]
-    missing = incompatible_keys.missing_keys
-    missing[:] = [layer_prefix + k[len(prefix) :] if k.startswith(prefix) else k for k in missing]
 
 
 def check_layer(layer: nn.Module) -> None:
@@ -88,14 +73,33 @@ def check_layer(layer: nn.Module) -> None:
         )
 
 
-def convert_layer(layer: nn.Module, num_experts: int, top_k: int, backend: str | None) -> None:
-    """Turn a CLIPEncoderLayer into a CLIPMoEEncoderLayer in place (co-upcycling its MLP)."""
+def convert_layer(layer: nn.Module, num_experts: int, top_k: int, backend: str | None, *, upcycle: bool = True) -> None:
+    """Turn a CLIPEncoderLayer into a CLIPMoEEncoderLayer in place.
+
+    upcycle=True: co-upcycling, every expert a copy of the layer's MLP, a fresh gate.
+    upcycle=False: a new MoE block of the MLP's shape, activation, device and dtype whose values
+    are left to the caller (a transformers model's own weight initialisation or loading, which is
+    how `CLIPMoEVisionModel` builds its layers: nothing is read from the dense MLP, so this works
+    on the meta device and under DeepSpeed ZeRO-3's partitioned construction alike).
+    """
     check_layer(layer)
-    moe = upcycle_mlp(layer.mlp, num_experts=num_experts, top_k=top_k, backend=backend)
+    if upcycle:
+        moe = upcycle_mlp(layer.mlp, num_experts=num_experts, top_k=top_k, backend=backend)
+    else:
+        mlp = layer.mlp
+        hidden_act = getattr(getattr(mlp, "config", None), "hidden_act", None)
+        moe = CLIPMoEMLP(
+            mlp.fc1.in_features,
+            mlp.fc1.out_features,
+            num_experts=num_experts,
+            top_k=top_k,
+            activation=activation_name(getattr(mlp, "activation_fn", None), hidden_act),
+            backend=backend,
+            device=mlp.fc1.weight.device,
+            dtype=mlp.fc1.weight.dtype,
+        )
     assert isinstance(moe, CLIPMoEMLP)
     layer.mlp = moe
     layer.__class__ = CLIPMoEEncoderLayer
     layer.aux_losses = None
-    layer.register_state_dict_post_hook(_layer_state_dict_hook)
     layer.register_load_state_dict_pre_hook(_layer_load_pre_hook)
-    layer.register_load_state_dict_post_hook(_layer_load_post_hook)

@@ -3,21 +3,21 @@
 The kernels want each MoE block's experts stacked (`w1` [E, hidden, in], `b1` [E, hidden],
 `w2` [E, out, hidden], `b2` [E, out], as `cumo_kernels.nn.MoEMLP` owns them), while CuMo's
 checkpoints hold one `nn.Linear` pair per expert (`experts.{i}.<fc1>.weight`, ...). The modules of
-this package keep the stacked parameters as their only storage and translate at the state-dict
-boundary with two module hooks (torch's public `register_state_dict_post_hook` and
-`register_load_state_dict_pre_hook`):
+this package keep the stacked parameters as their only storage, and `state_dict()` names exactly
+those parameters (`gate.weight`, `w1`, `b1`, `w2`, `b2`): every state-dict key is the path of a real
+parameter, which is what transformers' loader, accelerate's `set_module_tensor_to_device`
+(device_map, meta-device loading), DeepSpeed ZeRO-3 and FSDP2 walk. CuMo's per-expert keys are a
+checkpoint format, converted at the boundary:
 
-- saving: the stacked entry is replaced by E per-expert entries, each a view `w1[e]` of it (no copy);
-- loading: CuMo's per-expert entries are stacked once into the stacked entry (the one copy that a
-  load makes anyway); a dict that already holds the stacked names (a dict built from
-  `named_parameters()`, e.g. a consolidated DeepSpeed/FSDP checkpoint) loads as it is; a
-  non-strict load reports missing experts under CuMo's names (a load post-hook).
+- `cumo.checkpoint.to_cumo` / `from_cumo` convert whole dicts both ways;
+- transformers' own `save_pretrained` / `from_pretrained` of the CLIP-MoE classes convert through
+  transformers' weight-conversion mapping (`cumo._hf`), as transformers does for Mixtral's experts;
+- `load_state_dict()` also accepts CuMo's per-expert keys (a load pre-hook, torch's public
+  `register_load_state_dict_pre_hook`, stacks them once: the one copy a load makes anyway).
 
-Why hooks and not a parametrisation: a parametrisation that exposes per-expert `nn.Linear`s would
-need the forward to stack them (a copy per forward), or the stacked tensor to be rebuilt from views
-(autograd would then give per-expert gradients that the kernels do not produce). The hooks cost
-nothing in the forward, keep `named_parameters()` (what optimisers and ZeRO see) stacked, and make
-`state_dict()` / `load_state_dict()` speak CuMo's keys.
+Why not per-expert modules: a parametrisation exposing per-expert `nn.Linear`s would need the
+forward to stack them (a copy per forward), or the stacked tensor to be rebuilt from views
+(autograd would then give per-expert gradients that the kernels do not produce).
 
 The hooks are module-level functions (torch marks public hooks with an attribute, which bound
 methods refuse) that read the module's `_cumo_expert_names`, so modules stay picklable and
@@ -89,10 +89,6 @@ def stack(sd: dict[str, Any], prefix: str, names: tuple[str, str], num_experts: 
         errors.append(f"checkpoint has more experts than the module's num_experts={num_experts}: {extra[:4]}")
 
 
-def state_dict_post_hook(module: nn.Module, sd: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:
-    unstack(sd, prefix, module._cumo_expert_names, module.num_experts)
-
-
 def load_state_dict_pre_hook(
     module: nn.Module,
     sd: dict[str, Tensor],
@@ -103,27 +99,10 @@ def load_state_dict_pre_hook(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    module._cumo_load_prefix = prefix
     stack(sd, prefix, module._cumo_expert_names, module.num_experts, error_msgs)
 
 
-def load_state_dict_post_hook(module: nn.Module, incompatible_keys: Any) -> None:
-    """Report missing stacked parameters under CuMo's per-expert names (what the checkpoint lacked)."""
-    prefix = getattr(module, "_cumo_load_prefix", None)
-    if prefix is None:
-        return
-    missing = incompatible_keys.missing_keys
-    for s in STACKED:
-        if prefix + s in missing:
-            i = missing.index(prefix + s)
-            missing[i : i + 1] = [
-                prefix + expert_key(module._cumo_expert_names, e, s) for e in range(module.num_experts)
-            ]
-
-
 def register(module: nn.Module, names: tuple[str, str]) -> None:
-    """Give `module` (a MoEMLP) CuMo's per-expert keys `experts.{i}.{names[0] | names[1]}.{weight | bias}`."""
+    """Let `module` (a MoEMLP) load CuMo's per-expert keys `experts.{i}.{names[0] | names[1]}.{weight | bias}`."""
     module._cumo_expert_names = tuple(names)
-    module.register_state_dict_post_hook(state_dict_post_hook)
     module.register_load_state_dict_pre_hook(load_state_dict_pre_hook)
-    module.register_load_state_dict_post_hook(load_state_dict_post_hook)

@@ -1,6 +1,9 @@
 """Convert state dicts between this package's names and CuMo's checkpoint keys (CUMO.md).
 
-This package's modules already save and load CuMo's per-expert keys (`cumo._keys`); what differs:
+This package's modules keep each MoE block's experts stacked, and their `state_dict()` names those
+parameters (`...mlp.w1`, `mm_projector.w1`, ...: the names transformers' loader, accelerate, DeepSpeed
+and FSDP walk); `load_state_dict()` also takes CuMo's per-expert keys (`cumo._keys`). What differs
+between the two formats:
 
 - Layout. transformers 5's `CLIPVisionModel` holds `embeddings`, `pre_layrnorm`, `encoder`,
   `post_layernorm` itself (keys without a `vision_model.` prefix); CuMo's checkpoints (transformers 4)
@@ -12,9 +15,13 @@ This package's modules already save and load CuMo's per-expert keys (`cumo._keys
   applies a post-layernorm (its features, `hidden_states[-2]`, do not pass through one), while the
   `pooler_output` of such a model is the CLS state normalised (zero mean, unit variance) without an
   affine transform, not the raw CLS state.
-- Stacked names. `named_parameters()` (what optimisers, DeepSpeed ZeRO and FSDP consolidation see)
-  gives the stacked `...mlp.w1` / `w1`; `to_cumo` also unstacks those, and `from_cumo(stacked=True)`
-  produces them.
+- Stacked names. `state_dict()` and `named_parameters()` (what optimisers, DeepSpeed ZeRO and FSDP
+  consolidation see) give the stacked `...mlp.w1` / `w1`; `to_cumo` unstacks them into CuMo's
+  per-expert keys (views, no copy), and `from_cumo(stacked=True)` produces them.
+
+transformers' `save_pretrained` / `from_pretrained` of `cumo.CLIPMoEVisionModel` convert between the
+two by themselves (a weight-conversion mapping registered with transformers); `conversions()` gives
+that mapping for other transformers models that hold CuMo's blocks.
 
 Both functions return a new dict (tensors are shared or views, never copied unless stacked); keys
 they do not know (the LLM's, a dense connector's `mm_projector.0.weight`, ...) pass through unchanged.
@@ -145,3 +152,29 @@ def from_cumo(
     if stacked:
         _stack_all(sd)
     return sd
+
+
+def conversions(*, vision_model_prefix: bool = False) -> list:
+    """transformers' weight-conversion mapping between CuMo's per-expert keys and the stacked parameters.
+
+    For a transformers model of your own that holds CuMo's blocks (a LLaVA-style model with a CLIP-MoE
+    tower and an `MLPMoE` connector): register the mapping for its class, and its `from_pretrained`
+    reads CuMo's keys (stacking the experts) while its `save_pretrained` writes them::
+
+        from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+        register_checkpoint_conversion_mapping(MyModel.__name__, cumo.checkpoint.conversions())
+
+    Covers CLIP-MoE layers (`<...>encoder.layers.{L}.gate.weight`, `<...>encoder.layers.{L}.experts.{i}.
+    fc1|fc2.weight|bias` <-> `<...>.mlp.gate.weight`, `<...>.mlp.w1` ...) and connectors
+    (`<p>experts.{i}.0|2.weight|bias` <-> `<p>w1` ...). `vision_model_prefix=True` also drops a leading
+    `vision_model.` when loading (a tower at the model's root, as in CuMo's tower files). A
+    `cumo.CLIPMoEVisionModel` has its mapping registered already, also where it sits inside another
+    transformers model. Needs transformers (the `hf` extra).
+    """
+    try:
+        from ._hf import clip_conversions, connector_conversions
+    except ImportError as exc:
+        raise ImportError(
+            f"cumo.checkpoint.conversions needs transformers >= 5: pip install 'cumo-kernels[hf]' ({exc})"
+        ) from exc
+    return [*clip_conversions(vision_model_prefix=vision_model_prefix), *connector_conversions()]

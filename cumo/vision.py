@@ -6,8 +6,8 @@ transformers is imported only when a function needs it (it is the optional `hf` 
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from typing import Any
 
 import torch
@@ -22,6 +22,16 @@ def _clip_layer_module():
     except ImportError as exc:  # transformers missing or too old
         raise ImportError(f"{_INSTALL} ({exc})") from exc
     return _clip_layer
+
+
+def _hf_module():
+    """cumo._hf (the transformers classes and mapping), registered with transformers."""
+    try:
+        from . import _hf
+    except ImportError as exc:  # transformers missing or without the weight-conversion API (5.17+ tested)
+        raise ImportError(f"{_INSTALL} ({exc})") from exc
+    _hf.register()
+    return _hf
 
 
 def find_clip_encoder(model: nn.Module) -> nn.Module:
@@ -64,21 +74,41 @@ def convert_clip_to_moe(
 
     Callers see the same forward as before (same arguments, same outputs, `output_hidden_states`,
     gradient checkpointing); each layer keeps its MoE losses of the last call, which
-    `collect_aux_losses(model)` averages. The layers' state-dict keys become CuMo's
-    (`encoder.layers.{L}.gate.weight`, `encoder.layers.{L}.experts.{i}.fc1.weight`, ...), and
-    `model.config.cumo_moe` records E and k so that `cumo.from_pretrained` can rebuild the model
-    after `save_pretrained`.
+    `collect_aux_losses(model)` averages. The state-dict keys are the parameters' names
+    (`encoder.layers.{L}.mlp.gate.weight`, `encoder.layers.{L}.mlp.w1`, ...); `cumo.checkpoint.to_cumo`
+    gives CuMo's keys, and `load_state_dict` takes either.
+
+    A `CLIPVisionModel` becomes a `cumo.CLIPMoEVisionModel` (a `CLIPVisionModelWithProjection` a
+    `cumo.CLIPMoEVisionModelWithProjection`; both are subclasses of the dense class) and its config a
+    `cumo.CLIPMoEVisionConfig` recording E and k (`config.cumo_moe`): `save_pretrained` then writes
+    CuMo's per-expert keys (with the `vision_model.` prefix where the dense model was loaded from a
+    file that had it), and transformers' own `from_pretrained` of that class or of `AutoModel`
+    rebuilds the MoE model, while dense CLIP classes refuse the directory. Other hosts (CLIPModel, a
+    model holding the tower) keep their class; `model.config.cumo_moe` still records E and k.
     """
     clip_layer = _clip_layer_module()
     encoder = find_clip_encoder(model)
     for layer in encoder.layers:  # all or nothing: check every layer before converting any
         clip_layer.check_layer(layer)
+    hf = _hf_module() if isinstance(model, _pretrained_model_class()) else None
     for layer in encoder.layers:
         clip_layer.convert_layer(layer, num_experts, top_k, backend)
+    moe = {"num_experts": num_experts, "top_k": top_k}
+    if hf is not None and hf.adopt(model, moe):
+        loaded = getattr(model, "_weight_conversions", None)
+        if loaded is not None:  # from_pretrained's record of the file's layout, which save_pretrained reverts to
+            model._weight_conversions = [*loaded, *hf.clip_conversions(vision_model_prefix=False)]
+        return model
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
-        config.cumo_moe = {"num_experts": num_experts, "top_k": top_k}
+        config.cumo_moe = moe
     return model
+
+
+def _pretrained_model_class() -> type:
+    from transformers import PreTrainedModel
+
+    return PreTrainedModel
 
 
 def moe_layers(model: nn.Module) -> list[nn.Module]:
@@ -131,21 +161,6 @@ def enable_activation_checkpointing(model: nn.Module, *, use_reentrant: bool = F
     )
 
 
-def _read_weights(path: str) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    sd: dict[str, Tensor] = {}
-    for name in files:
-        sd.update(load_file(os.path.join(path, name)))
-    return sd
-
-
 def from_pretrained(
     path: str | os.PathLike,
     *,
@@ -155,54 +170,73 @@ def from_pretrained(
     num_experts: int | None = None,
     top_k: int | None = None,
 ) -> nn.Module:
-    """Reload a converted model written by Hugging Face `save_pretrained`, MoE included.
+    """Reload a CLIP-MoE tower from a directory, strictly: a shortcut over transformers' own loading.
 
-    `Model.from_pretrained` alone would build the dense model and drop the experts (transformers
-    assigns tensors to the module tree by name; the stacked expert weights have no per-expert
-    modules), so: build the model from the saved config, convert it with the saved
-    `config.cumo_moe`, and load the saved tensors with `load_state_dict(strict=True)`. The file's
-    keys are the model's state-dict keys, i.e. CuMo's per-expert names; a file in CuMo's own layout
-    (`vision_model.` prefix, no post-layernorm) goes through `cumo.checkpoint.from_cumo` first.
+    `cumo.CLIPMoEVisionModel.from_pretrained(path)` (or `AutoModel.from_pretrained(path)` after
+    `import cumo`) loads what `save_pretrained` of a converted model wrote, with every argument of
+    transformers' `from_pretrained`. This function calls it, and also reads directories that those
+    cannot: one written by an earlier cumo (a plain CLIP config with `cumo_moe`), or a CuMo tower
+    checkpoint next to a plain CLIP config (pass `num_experts=` and `top_k=`). It fails unless every
+    parameter came from the file, `post_layernorm.*` excepted (CuMo's towers have none: it gets the
+    identity affine, weight 1 and bias 0, as `cumo.checkpoint.from_cumo` gives it).
 
     Args:
-        path: the directory given to save_pretrained (local).
-        model_class: the transformers class (default: the config's `architectures[0]`).
+        path: the directory given to save_pretrained (local or a hub id).
+        model_class: CLIPVisionModel / CLIPVisionModelWithProjection or their CLIP-MoE classes
+            (default: the config's `architectures[0]`, else CLIPMoEVisionModel).
         backend: passed through to the kernels.
-        dtype: cast the model to this dtype after loading (default: as built, float32).
+        dtype: the parameters' dtype (default: as saved, transformers' dtype="auto").
         num_experts, top_k: E and k where the config has no `cumo_moe` (a CuMo tower saved with a
             plain CLIP config); given with one, they must agree with it.
     """
-    try:
-        import transformers
-    except ImportError as exc:
-        raise ImportError(_INSTALL) from exc
-    from .checkpoint import from_cumo
+    hf = _hf_module()
+    from transformers import CLIPVisionConfig, PreTrainedConfig
 
     path = os.fspath(path)
-    config = transformers.AutoConfig.from_pretrained(path)
-    moe = getattr(config, "cumo_moe", None)
-    if not isinstance(moe, dict):
-        if num_experts is None or top_k is None:
-            raise ValueError(
-                f"{path}: config has no `cumo_moe` entry (not saved from a converted model): "
-                "pass num_experts= and top_k="
-            )
-        moe = {"num_experts": num_experts, "top_k": top_k}
+    raw, _ = PreTrainedConfig.get_config_dict(path)
+    if raw.get("model_type") == hf.MODEL_TYPE:
+        config = hf.CLIPMoEVisionConfig.from_pretrained(path)
+        moe = config.cumo_moe
+    else:  # a plain CLIP config, with `cumo_moe` when an earlier cumo wrote it
+        dense = CLIPVisionConfig.from_pretrained(path)
+        moe = getattr(dense, "cumo_moe", None)
+        if not isinstance(moe, dict):
+            if num_experts is None or top_k is None:
+                raise ValueError(
+                    f"{path}: config has no `cumo_moe` entry (not saved from a converted model): "
+                    "pass num_experts= and top_k="
+                )
+            moe = {"num_experts": num_experts, "top_k": top_k}
+        fields = {k: v for k, v in dense.to_dict().items() if k not in ("model_type", "transformers_version")}
+        fields["cumo_moe"] = moe
+        config = hf.CLIPMoEVisionConfig(**fields)
     for name, given in (("num_experts", num_experts), ("top_k", top_k)):
         if given is not None and given != moe[name]:
             raise ValueError(f"{name}={given} disagrees with the saved config's cumo_moe {moe}")
-    if model_class is None:
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        if arch is None or not hasattr(transformers, arch):
-            raise ValueError(f"{path}: config names no transformers architecture; pass model_class=")
-        model_class = getattr(transformers, arch)
-    model = model_class(config)
-    convert_clip_to_moe(model, num_experts=moe["num_experts"], top_k=moe["top_k"], backend=backend)
-    sd = _read_weights(path)
-    expected = model.state_dict().keys()
-    if not set(sd) <= set(expected):
-        sd = from_cumo(sd)
-    model.load_state_dict(sd, strict=True)
-    if dtype is not None:
-        model.to(dtype)
+    arch = (raw.get("architectures") or [None])[0]
+    cls = hf.moe_class_for(model_class if model_class is not None else arch)
+    if cls is None:
+        if model_class is not None:
+            raise ValueError(
+                f"model_class: expected CLIPVisionModel, CLIPVisionModelWithProjection or their CLIP-MoE "
+                f"classes, got {getattr(model_class, '__name__', model_class)!r}"
+            )
+        cls = hf.CLIPMoEVisionModel
+    model, info = cls.from_pretrained(
+        path, config=config, dtype="auto" if dtype is None else dtype, output_loading_info=True
+    )
+    missing = [k for k in info["missing_keys"] if not re.search(r"(^|\.)post_layernorm\.", k)]
+    problems = {"missing": missing, "unexpected": info["unexpected_keys"], "mismatched": info["mismatched_keys"]}
+    if any(problems.values()):
+        raise RuntimeError(
+            f"{path}: the checkpoint does not fill {cls.__name__} exactly: "
+            + "; ".join(f"{kind} keys {sorted(map(str, keys))[:6]}" for kind, keys in problems.items() if keys)
+        )
+    if backend is not None:
+        from cumo_kernels import dispatch
+
+        dispatch.resolve_name(backend)
+        for m in model.modules():
+            if isinstance(m, hf.CLIPMoEMLP):
+                m.backend = backend
     return model.eval()

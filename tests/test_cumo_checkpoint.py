@@ -34,6 +34,17 @@ def cumo_tower_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
+def cumo_connector_dict(conn: cumo.MLPMoE, prefix: str = "") -> dict[str, torch.Tensor]:
+    """CuMo's MoE connector keys for `conn`'s weights, by hand from CUMO.md's key list."""
+    sd = {prefix + "gate.weight": conn.gate.weight.detach()}
+    for e in range(conn.num_experts):
+        sd[prefix + f"experts.{e}.0.weight"] = conn.w1[e].detach()
+        sd[prefix + f"experts.{e}.0.bias"] = conn.b1[e].detach()
+        sd[prefix + f"experts.{e}.2.weight"] = conn.w2[e].detach()
+        sd[prefix + f"experts.{e}.2.bias"] = conn.b2[e].detach()
+    return sd
+
+
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert sorted(a) == sorted(b), (sorted(set(a) - set(b))[:5], sorted(set(b) - set(a))[:5])
     for k in a:
@@ -85,8 +96,9 @@ def test_round_trips_both_ways():
     model = trained_moe_clip(5)
     with torch.no_grad():
         model.post_layernorm.weight.add_(0.5)  # not an identity: only keep_post_layernorm keeps it
-    sd = model.state_dict()
-    assert_same(from_cumo(to_cumo(sd, keep_post_layernorm=True)), sd)
+    sd = model.state_dict()  # the stacked parameter names
+    assert_same(from_cumo(to_cumo(sd, keep_post_layernorm=True), stacked=True), sd)
+    model.load_state_dict(from_cumo(to_cumo(sd, keep_post_layernorm=True)), strict=True)  # per-expert keys load too
     ckpt = cumo_tower_dict(model)
     assert_same(to_cumo(from_cumo(ckpt)), ckpt)
     assert_same(to_cumo(from_cumo(ckpt, stacked=True)), ckpt)
@@ -120,7 +132,7 @@ def test_whole_model_dict_converts_and_unknown_keys_pass_through():
     ckpt = to_cumo(host.state_dict())
     tower = cumo_tower_dict(host.model.vision_tower.vision_tower)
     expected = {"model.vision_tower.vision_tower." + k: v for k, v in tower.items()}
-    expected.update({"model.mm_projector." + k: v for k, v in host.model.mm_projector.state_dict().items()})
+    expected.update(cumo_connector_dict(host.model.mm_projector, "model.mm_projector."))
     expected.update(
         {"model.layers.0.weight": host.model.layers[0].weight, "model.layers.0.bias": host.model.layers[0].bias}
     )
@@ -131,9 +143,9 @@ def test_whole_model_dict_converts_and_unknown_keys_pass_through():
     other.load_state_dict(from_cumo(ckpt), strict=True)
     other.load_state_dict(from_cumo(ckpt, stacked=True), strict=True)
     assert_same(to_cumo(other.state_dict()), ckpt)
-    # stacked connector names (named_parameters) unstack to CuMo's
+    # stacked connector names (named_parameters, state_dict) unstack to CuMo's
     conn = to_cumo({"mm_projector." + n: p for n, p in host.model.mm_projector.named_parameters()})
-    assert_same(conn, {"mm_projector." + k: v for k, v in host.model.mm_projector.state_dict().items()})
+    assert_same(conn, cumo_connector_dict(host.model.mm_projector, "mm_projector."))
 
 
 def test_dense_checkpoints_pass_through():
@@ -155,7 +167,7 @@ def test_host_keeping_vision_model_prefix():
 
     source = cumo.convert_clip_to_moe(tiny_clip(12, cls=CLIPVisionModelWithProjection))
     sd = source.state_dict()
-    assert "vision_model.encoder.layers.0.gate.weight" in sd
+    assert "vision_model.encoder.layers.0.mlp.gate.weight" in sd
     target = cumo.convert_clip_to_moe(tiny_clip(13, cls=CLIPVisionModelWithProjection))
     target.load_state_dict(from_cumo(to_cumo(sd, keep_post_layernorm=True), strip_vision_model=False), strict=True)
     for (n, p), q in zip(source.named_parameters(), target.parameters()):  # strict names alone prove no values
@@ -171,18 +183,15 @@ def test_incomplete_experts_are_an_error():
         from_cumo(ckpt, stacked=True)
 
 
-def test_missing_experts_are_reported_under_cumos_names():
+def test_missing_experts_are_reported_under_the_state_dict_names():
+    """A checkpoint in CuMo's keys that lacks a layer's MoE block: the missing keys are the module's
+    state-dict names (its stacked parameters), as for any torch module."""
     ckpt = from_cumo(cumo_tower_dict(trained_moe_clip(16)))
     ckpt = {k: v for k, v in ckpt.items() if not k.startswith(("encoder.layers.0.experts.", "encoder.layers.0.gate."))}
     result = cumo.convert_clip_to_moe(tiny_clip(17)).load_state_dict(ckpt, strict=False)
-    expected = ["encoder.layers.0.gate.weight"] + [
-        f"encoder.layers.0.experts.{e}.{fc}.{kind}"
-        for e in range(E)
-        for fc in ("fc1", "fc2")
-        for kind in ("weight", "bias")
-    ]
+    expected = [f"encoder.layers.0.mlp.{n}" for n in ("gate.weight", "w1", "b1", "w2", "b2")]
     assert sorted(result.missing_keys) == sorted(expected) and result.unexpected_keys == []
-    with pytest.raises(RuntimeError, match=r'"experts\.0\.0\.weight"'):
+    with pytest.raises(RuntimeError, match=r'"w1"'):
         cumo.MLPMoE(E, 2, 8, 6).load_state_dict({"gate.weight": torch.zeros(E, 8)})
 
 
@@ -194,7 +203,7 @@ def test_zero3_placeholders_save_and_load_under_their_stacked_names():
         p.data = torch.empty(0, dtype=p.dtype)
     sd = host.state_dict()
     tower = "model.vision_tower.vision_tower.encoder.layers.0."
-    assert {tower + "mlp.w1", tower + "mlp.b2", tower + "gate.weight", "model.mm_projector.w1"} <= set(sd)
+    assert {tower + "mlp.w1", tower + "mlp.b2", tower + "mlp.gate.weight", "model.mm_projector.w1"} <= set(sd)
     assert not any(".experts." in k for k in sd)
     assert all(v.numel() == 0 for k, v in sd.items() if k.endswith(("w1", "b1", "w2", "b2")))
     host.load_state_dict(sd, strict=True)

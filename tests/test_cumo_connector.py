@@ -153,17 +153,22 @@ def test_loss_dtypes_in_bfloat16():
     assert (y.dtype, balance.dtype, z.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
 
 
-def test_state_dict_keys_are_cumos_and_views_of_the_stacked_weights():
+def test_state_dict_keys_are_the_parameters_and_to_cumo_gives_cumos_views():
+    """state_dict() names the stacked parameters (what transformers' loader and accelerate walk);
+    cumo.checkpoint.to_cumo gives CuMo's per-expert keys, as views of the stacked weights."""
+    from cumo.checkpoint import to_cumo
+
     m = cumo.MLPMoE(E, K, MM, CH)
     sd = m.state_dict()
-    assert list(sd) == expected_keys(E)
+    assert sorted(sd) == sorted(n for n, _ in m.named_parameters()) == ["b1", "b2", "gate.weight", "w1", "w2"]
+    cumo_sd = to_cumo(sd)
     ref = cumo_layout(E, MM, CH).state_dict()
-    assert set(sd) == set(ref)
-    assert all(sd[k].shape == ref[k].shape for k in ref)
-    assert sorted(n for n, _ in m.named_parameters()) == ["b1", "b2", "gate.weight", "w1", "w2"]
+    assert sorted(cumo_sd) == sorted(ref) == sorted(expected_keys(E))
+    assert all(cumo_sd[k].shape == ref[k].shape for k in ref)
     for i in range(E):
-        assert torch.equal(sd[f"experts.{i}.0.weight"], m.w1[i]) and torch.equal(sd[f"experts.{i}.2.bias"], m.b2[i])
-        assert sd[f"experts.{i}.0.weight"].untyped_storage().data_ptr() == m.w1.untyped_storage().data_ptr()
+        assert torch.equal(cumo_sd[f"experts.{i}.0.weight"], m.w1[i])
+        assert torch.equal(cumo_sd[f"experts.{i}.2.bias"], m.b2[i])
+        assert cumo_sd[f"experts.{i}.0.weight"].untyped_storage().data_ptr() == m.w1.untyped_storage().data_ptr()
 
 
 def test_cumo_checkpoint_loads_strict_and_computes_cumos_block():
@@ -181,8 +186,11 @@ def test_cumo_checkpoint_loads_strict_and_computes_cumos_block():
     assert_close_rel(y, y64, torch.float32, "y")
     assert_close_rel(balance, b64, torch.float32, "balance")
     assert_close_rel(z, z64, torch.float32, "z")
-    # and back: our state dict is CuMo's module's, tensor for tensor
-    out = m.state_dict()
+    # and back: to_cumo of our state dict is CuMo's module's, tensor for tensor
+    from cumo.checkpoint import to_cumo
+
+    out = to_cumo(m.state_dict())
+    assert sorted(out) == sorted(ref.state_dict())
     for k, v in ref.state_dict().items():
         assert torch.equal(out[k], v), k
 
@@ -201,7 +209,7 @@ def test_round_trip_stacked_names_and_copies():
     torch.save(m, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
-    assert list(loaded.state_dict()) == expected_keys(E)
+    assert sorted(loaded.state_dict()) == ["b1", "b2", "gate.weight", "w1", "w2"]
 
 
 def test_load_errors_say_what_is_wrong():

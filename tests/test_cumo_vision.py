@@ -280,7 +280,8 @@ def test_save_pretrained_then_cumo_from_pretrained_keeps_the_moe(tmp_path):
     saved = load_file(tmp_path / "model.safetensors")
     assert "encoder.layers.1.experts.2.fc2.bias" in saved and not any(".mlp." in k for k in saved)
     loaded = cumo.from_pretrained(tmp_path)
-    assert type(loaded) is CLIPVisionModel and loaded.config.cumo_moe == {"num_experts": 3, "top_k": 2}
+    assert type(loaded) is cumo.CLIPMoEVisionModel and isinstance(loaded, CLIPVisionModel)
+    assert loaded.config.cumo_moe == {"num_experts": 3, "top_k": 2}
     x = pixels(seed=14)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).last_hidden_state, model(x).last_hidden_state, rtol=0, atol=0)
@@ -315,7 +316,14 @@ def test_upcycled_clip_mlp_equals_its_dense_source(gate):
     with torch.no_grad():
         torch.testing.assert_close(y, dense(x), rtol=1e-5, atol=1e-6)
     assert balance.dtype == torch.float32 and z.dtype == torch.float32
-    assert sorted(moe.state_dict())[:3] == ["experts.0.fc1.bias", "experts.0.fc1.weight", "experts.0.fc2.bias"]
+    assert sorted(moe.state_dict()) == ["b1", "b2", "gate.weight", "w1", "w2"]  # the parameters' names
+    # inside a layer (`L.mlp.`), CuMo's keys sit on the layer with CLIP's fc1/fc2 names
+    in_layer = cumo.checkpoint.to_cumo({"encoder.layers.0.mlp." + k: v for k, v in moe.state_dict().items()})
+    assert sorted(in_layer)[:3] == [
+        "encoder.layers.0.experts.0.fc1.bias",
+        "encoder.layers.0.experts.0.fc1.weight",
+        "encoder.layers.0.experts.0.fc2.bias",
+    ]
 
 
 def test_from_pretrained_of_a_cumo_tower_with_a_plain_config(tmp_path):
