@@ -509,3 +509,78 @@ def test_a_host_model_saves_and_loads_both_blocks(tmp_path):
     assert "vision_tower.encoder.layers.1.gate.weight" in keys
     assert_same_model(CuMoTestHost.from_pretrained(tmp_path / "cumo"), host)
     assert_same_model(CuMoTestHost.from_pretrained(tmp_path / "plain"), host)  # both layouts load
+
+
+def test_deepspeed_zero3_loader_converts_cumos_keys():
+    """Under DeepSpeed ZeRO-3, from_pretrained loads through transformers' own state-dict conversion
+    (`_apply_weight_conversions_to_state_dict`, private: skipped where absent) then each module's
+    `_load_from_state_dict`: CuMo's keys must come out as the parameters' names. (5.17 returns a dict,
+    5.23 yields one per conversion.)"""
+    deepspeed_integration = pytest.importorskip("transformers.integrations.deepspeed")
+    convert = getattr(deepspeed_integration, "_apply_weight_conversions_to_state_dict", None)
+    if convert is None:
+        pytest.skip(f"transformers {transformers.__version__} has no _apply_weight_conversions_to_state_dict")
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    model = trained(25)
+    target = CLIPMoE(model.config)
+    out = convert(target, to_cumo(model.state_dict(), keep_post_layernorm=True), get_model_conversion_mapping(target))
+    if not isinstance(out, dict):
+        out = {k: v for part in out for k, v in part.items()}
+    assert sorted(out) == sorted(model.state_dict())  # converted to the parameters' names
+    target.load_state_dict(out, strict=True)  # what each module's _load_from_state_dict then does
+    assert_same_model(target.eval(), model)
+
+
+FSDP2_SCRIPT = """
+import copy, sys, tempfile, torch, torch.distributed as dist
+import cumo
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from test_cumo_hf_loading import trained, assert_same_model
+
+dist.init_process_group("gloo", init_method=sys.argv[1], rank=0, world_size=1)
+ref = trained(26)
+def sharded():
+    m = copy.deepcopy(ref)
+    for layer in m.encoder.layers:
+        fully_shard(layer)
+    return fully_shard(m)
+m = sharded()
+assert type(m.encoder.layers[0].mlp.w1).__name__ == "DTensor"
+full = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+assert sorted(full) == sorted(ref.state_dict())  # the parameters' names, nothing to translate
+d = tempfile.mkdtemp()
+m.save_pretrained(d, state_dict=full)  # what a trainer does with FSDP2's full state dict
+loaded = cumo.CLIPMoEVisionModel.from_pretrained(d)
+assert_same_model(loaded, ref)
+m2 = sharded()
+set_model_state_dict(m2, loaded.state_dict(), options=StateDictOptions(full_state_dict=True))
+x = torch.randn(2, 3, 42, 42, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    assert torch.equal(m2(x).last_hidden_state, ref(x).last_hidden_state)
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_fsdp2_full_state_dict_saves_and_loads():
+    """FSDP2 (fully_shard; gloo, one CPU process): its full state dict has the parameters' names,
+    save_pretrained writes CuMo's keys from it, and the loaded state dict goes back into a sharded model."""
+    import socket
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-c", FSDP2_SCRIPT, f"tcp://127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
