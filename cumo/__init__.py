@@ -27,14 +27,18 @@ from .upcycle import upcycle_mlp
 from .vision import collect_aux_losses, convert_clip_to_moe, enable_activation_checkpointing, from_pretrained
 
 try:  # transformers (the `hf` extra) installed, and new enough for the CLIP-MoE classes
-    from . import _hf
-except ImportError:  # the classes' names below then raise the install hint
-    _hf = None
+    from . import _hf as _hf_classes
+except ImportError:  # not installed or too old: the classes' names below then raise the install hint
+    pass
+except Exception as _exc:  # installed but broken: the connector and the kernels still work
+    import warnings
+
+    warnings.warn(f"cumo: transformers failed to import ({_exc!r}); the CLIP-MoE classes are unavailable", stacklevel=2)
 else:
-    _hf.register()
-    CLIPMoEVisionConfig = _hf.CLIPMoEVisionConfig
-    CLIPMoEVisionModel = _hf.CLIPMoEVisionModel
-    CLIPMoEVisionModelWithProjection = _hf.CLIPMoEVisionModelWithProjection
+    _hf_classes.register()
+    CLIPMoEVisionConfig = _hf_classes.CLIPMoEVisionConfig
+    CLIPMoEVisionModel = _hf_classes.CLIPMoEVisionModel
+    CLIPMoEVisionModelWithProjection = _hf_classes.CLIPMoEVisionModelWithProjection
 
 _HF_NAMES = ("CLIPMoEVisionConfig", "CLIPMoEVisionModel", "CLIPMoEVisionModelWithProjection")
 

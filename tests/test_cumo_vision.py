@@ -295,10 +295,12 @@ def test_import_cumo_without_transformers():
         "import cumo, torch\n"
         "m = cumo.MLPMoE(4, 2, 8, 6); y, b, z = m(torch.randn(2, 3, 8))\n"
         "try:\n    cumo.convert_clip_to_moe(torch.nn.Module())\nexcept ImportError as e:\n    print('hint:', e)\n"
+        "try:\n    cumo.CLIPMoEVisionModel\nexcept ImportError as e:\n    print('class hint:', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install 'cumo-kernels[hf]'" in out.stdout
+    assert "class hint: the CLIP-MoE encoder needs transformers" in out.stdout
 
 
 @pytest.mark.parametrize("gate", ["fresh", "random", "zero"])
