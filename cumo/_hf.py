@@ -314,11 +314,6 @@ def preload_gate_weights(model: nn.Module) -> None:
                 h.place_submodules = True
 
 
-def conversions_for(model: nn.Module) -> list:
-    """The mapping transformers registers for `model`'s CLIP-MoE class."""
-    return clip_conversions(vision_model_prefix=type(model).__name__ == "CLIPMoEVisionModel")
-
-
 def register() -> None:
     """Register the config and model with transformers' Auto classes, and the weight-conversion mapping
     of each model class (by class name; transformers applies it to the class and to those classes
