@@ -64,3 +64,98 @@ def impl_or_twin(backend: str, name: str):
     from .. import dispatch, reference
 
     return getattr(dispatch.implementation(backend), name, None) or getattr(reference, name)
+
+
+# ----------------------------------------------------------------------- autograd modes per op
+
+_SUPPORTED = (
+    "supported: first-order reverse mode through torch.autograd (loss.backward(), torch.autograd.grad), "
+    "torch.vmap, torch.compile and torch.export"
+)
+
+
+def _forward_ad_tangent(args: tuple) -> bool:
+    """Whether a tensor argument carries a forward-mode tangent (torch.autograd.forward_ad, or
+    torch.func.jvp / jacfwd, which reach an op's autograd kernel as dual tensors)."""
+    if torch.autograd.forward_ad._current_level < 0:
+        return False
+    for a in args:
+        if isinstance(a, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None:
+            return True
+    return False
+
+
+def refuse_unsupported_autograd(op: str, args: tuple) -> None:
+    """Raise, naming cumo op `op`, where an autograd mode it has no formula for would run through it.
+
+    torch's custom ops carry reverse-mode formulas only: forward-mode AD would otherwise get a
+    zero tangent with no error (the op's autograd kernel sees no input requiring grad and runs
+    without autograd), and torch.func's differentiating transforms fail with torch's generic
+    message about autograd.Function."""
+    if _forward_ad_tangent(args):
+        raise RuntimeError(
+            f"cumo::{op}: forward-mode AD (torch.func.jvp, torch.func.jacfwd, torch.autograd.forward_ad) "
+            f"is not supported: the cumo ops define reverse-mode gradients only; {_SUPPORTED}"
+        )
+    interp = torch._C._functorch.peek_interpreter_stack()
+    if interp is None or not torch.is_grad_enabled():
+        return
+    from torch._functorch.pyfunctorch import TransformType
+
+    if interp.key() == TransformType.Grad and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        raise RuntimeError(
+            f"cumo::{op}: torch.func.grad, vjp, jacrev and hessian are not supported (torch's custom ops "
+            f"do not run under torch.func's differentiating transforms); {_SUPPORTED}"
+        )
+
+
+# An IMPL library of the cumo namespace holding the guards below (kept alive here).
+_GUARDS = torch.library.Library("cumo", "IMPL")
+
+
+def guard_autograd(op) -> None:
+    """Put `refuse_unsupported_autograd` in front of custom op `op`'s autograd kernel on CPU and
+    CUDA tensors (after its `register_autograd`): the kernel registered for AutogradCPU /
+    AutogradCUDA takes precedence over the `Autograd` one that torch.library registered, checks,
+    then calls it. Costs a Python call per op call (about 1 us)."""
+    qualname = op._qualname
+    name = qualname.split("::")[1]
+    for key in ("AutogradCPU", "AutogradCUDA"):
+        inner = torch._C._dispatch_get_computed_kernel_for_dispatch_key(qualname, key)
+
+        def kernel(keyset, *args, _inner=inner, **kwargs):
+            refuse_unsupported_autograd(name, args)
+            return _inner.call_boxed(keyset, *args, **kwargs)
+
+        _GUARDS.impl(name, kernel, key, with_keyset=True)
+
+
+def refuse_double_backward(op, forward: str) -> None:
+    """Register for backward op `op` (the backward of cumo::`forward`) an autograd formula that
+    raises, naming both, when a second derivative is asked for (create_graph=True, then
+    differentiating the gradients): torch's own message names neither the layer nor what works."""
+    name = op._qualname.split("::")[1]
+
+    def setup(ctx, inputs, output) -> None:
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"cumo::{name}: double backward (a gradient of the gradients of cumo::{forward}: gradient "
+            f"penalties, Hessians, create_graph=True then backward) is not supported: the cumo ops' "
+            f"backward ops have no derivative of their own; {_SUPPORTED}"
+        )
+
+    op.register_autograd(backward, setup_context=setup)
+    guard_autograd(op)
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call may need a backward: grad mode is on and an input requires grad, or a
+    torch.func transform is active (under torch.vmap, tensors that require grad outside the
+    transform do not report it inside)."""
+    if not torch.is_grad_enabled():
+        return False
+    if any(t is not None and t.requires_grad for t in tensors):
+        return True
+    return torch._C._are_functorch_transforms_active()

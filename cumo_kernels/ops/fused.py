@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
+from ._common import guard_autograd, needs_grad, refuse_double_backward
 from ._common import impl_or_twin as _impl
 
 
@@ -99,6 +100,8 @@ def _route_x_bwd(ctx, g_weights, g_ids, g_prob_sums, g_counts, g_z_sums, g_logit
 
 
 _route_x.register_autograd(_route_x_bwd, setup_context=_route_x_setup)
+guard_autograd(_route_x)
+refuse_double_backward(_route_x_backward, "route_x")
 
 
 # -------------------------------------------------------------------------------- sort_experts
@@ -115,6 +118,9 @@ def _(expert_ids, num_experts, backend):
         expert_ids.new_empty(expert_ids.numel(), dtype=torch.int64),
         expert_ids.new_empty(num_experts + 1, dtype=torch.int64),
     )
+
+
+guard_autograd(_sort_experts)
 
 
 # ----------------------------------------------------------------------- grouped_linear_gather
@@ -191,6 +197,8 @@ def _gather_bwd(ctx, g_y, g_pre):
 
 
 _grouped_linear_gather.register_autograd(_gather_bwd, setup_context=_gather_setup)
+guard_autograd(_grouped_linear_gather)
+refuse_double_backward(_grouped_linear_gather_backward, "grouped_linear_gather")
 
 
 # ---------------------------------------------------------------------- grouped_linear_combine
@@ -258,6 +266,8 @@ def _combine_bwd(ctx, g_out, g_slot):
 
 
 _grouped_linear_combine.register_autograd(_combine_bwd, setup_context=_combine_setup)
+guard_autograd(_grouped_linear_combine)
+refuse_double_backward(_grouped_linear_combine_backward, "grouped_linear_combine")
 
 
 # ------------------------------------------------------------------------------ the composition
@@ -287,7 +297,7 @@ def fused_moe(
     b1c = None if b1 is None else b1.contiguous()
     b2c = None if b2 is None else b2.contiguous()
     # The pre-activation is kept only when a backward through fc1 can follow (not in inference).
-    save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, w1, b1))
+    save_pre = needs_grad(x2, w1, b1)
     h, _ = _grouped_linear_gather(x2, w1.contiguous(), b1c, sort_idx, offsets, top_k, activation, save_pre, backend)
     y, _ = _grouped_linear_combine(h, w2.contiguous(), b2c, sort_idx, offsets, weights, backend)
     return y, prob_sums, first_counts, z_sums

@@ -8,7 +8,16 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ._common import check_activation, check_device, check_float, check_index, check_shape, impl_or_twin
+from ._common import (
+    check_activation,
+    check_device,
+    check_float,
+    check_index,
+    check_shape,
+    guard_autograd,
+    impl_or_twin,
+    refuse_double_backward,
+)
 
 
 @torch.library.custom_op("cumo::grouped_linear", mutates_args=())
@@ -64,6 +73,8 @@ def _bwd(ctx, g_y, g_pre):
 
 
 _grouped_linear.register_autograd(_bwd, setup_context=_setup)
+guard_autograd(_grouped_linear)
+refuse_double_backward(_grouped_linear_backward, "grouped_linear")
 
 
 @torch.library.custom_op("cumo::expert_mlp", mutates_args=())
@@ -85,6 +96,21 @@ def _expert_mlp(
 @_expert_mlp.register_fake
 def _(x, w1, b1, w2, b2, offsets, activation, backend):
     return x.new_empty(x.shape[0], w2.shape[1])
+
+
+def _expert_mlp_setup(ctx, inputs, output) -> None:
+    pass
+
+
+def _expert_mlp_bwd(ctx, g):
+    raise RuntimeError(
+        "cumo::expert_mlp is inference-only (it has no gradient formula): cumo_kernels.moe_mlp uses it only "
+        "when no input needs a gradient; for training run cumo::grouped_linear for each expert layer"
+    )
+
+
+_expert_mlp.register_autograd(_expert_mlp_bwd, setup_context=_expert_mlp_setup)
+guard_autograd(_expert_mlp)
 
 
 def grouped_linear(

@@ -29,24 +29,43 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch, tuning
-from ._common import check_activation, check_device, check_float, check_shape, check_top_k
+from ._common import check_activation, check_device, check_float, check_shape, check_top_k, needs_grad
 from .fused import backend_is_fused, fused_moe
 from .grouped_gemm import _expert_mlp, _grouped_linear
 from .permute import _permute, _unpermute
 from .routing import _aux_losses, _route
 
+# What torch.autocast casts (its "eligible" tensors): float32, float16 and bfloat16, never float64.
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def _autocast(tensors: list[Tensor | None], device_type: str) -> list[Tensor | None]:
     """Under torch.autocast the block behaves like the nn.Linear layers it replaces: floating
-    inputs are cast to the autocast dtype."""
+    inputs are cast to the autocast dtype, except float64 ones, which autocast leaves alone."""
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        return [None if t is None else t.to(dtype) for t in tensors]
+        return [t.to(dtype) if t is not None and t.dtype in _AUTOCAST_ELIGIBLE else t for t in tensors]
     return tensors
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return needs_grad(*tensors)
+
+
+def _connected_zero(tensors: tuple[Tensor | None, ...], dtype: torch.dtype) -> Tensor:
+    """A scalar 0 in `dtype` whose graph reaches every tensor given (an empty input's output and
+    losses): each parameter then gets a zero gradient, not None, as a dense MLP's do for an empty
+    batch (under DDP a rank whose parameters get no gradient hangs its peers). Sums of empty
+    slices: exactly 0 whatever the values (no 0 * inf = NaN), their gradients zeros."""
+    parts = [t.narrow(0, 0, 0).sum().to(dtype) for t in tensors if t is not None]
+    return torch.stack(parts).sum()
+
+
+def _out(y: Tensor, shape: torch.Size) -> Tensor:
+    """y [T, out] given x's leading shape: not a view (FSDP2 warns on view outputs, and an in-place
+    op on a view needs autograd's view tracking). `_unsafe_view` is the reshape aten's own matmul
+    uses for an intermediate nobody else holds: y is no input and no tensor saved for backward."""
+    return y if y.shape == shape else torch.ops.aten._unsafe_view(y, shape)
 
 
 def _workload(x: Tensor, hidden: int, d_out: int, e: int, top_k: int, tensors: tuple) -> tuning.Workload | None:
@@ -96,6 +115,12 @@ def moe_mlp(
         z_loss: scalar in x.dtype, mean over tokens of logsumexp(logits)^2.
         An empty input (T = 0) gives an empty y and zero losses.
     """
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            "cumo_kernels.moe_mlp: torch.jit.trace is not supported: a trace freezes the Python values the "
+            "layer decides by per call (the tokens per sample of the balance loss, the empty-input case, "
+            "inference or training ops, the backend); use torch.compile or torch.export, which trace it"
+        )
     check_float("x", x)
     if x.dim() not in (2, 3):
         raise ValueError(f"x: expected shape [T, in] or [B, N, in], got {list(x.shape)}")
@@ -129,11 +154,12 @@ def moe_mlp(
     x2 = x.reshape(-1, d_in)
     t = x2.shape[0]
     if t == 0:
-        # Nothing to route: an empty output and zero losses, still connected to the parameters
-        # so that a backward() through them runs.
-        zero = gate_weight.sum() * 0
+        # Nothing to route: an empty output and zero losses, connected to x and every parameter,
+        # so that each gets a zero gradient.
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        zero = _connected_zero((x, gate_weight, w1, b1, w2, b2), acc)
         y = x.new_zeros(*lead, d_out) + zero.to(x.dtype)
-        return y, zero.float(), zero.to(x.dtype)
+        return y, zero, zero.to(x.dtype) + 0
 
     if backend_is_fused(name):
         # The backend's fused ops (ops/fused.py): routing from x, gather-on-load, combine.
@@ -141,7 +167,7 @@ def moe_mlp(
             x2.contiguous(), gate_weight, w1, b1, w2, b2, top_k, activation, samples, name
         )
         balance, z = _aux_losses(prob_sums, first_counts, z_sums, t // samples)
-        return y.view(*lead, d_out), balance, z.to(x.dtype)
+        return _out(y, (*lead, d_out)), balance, z.to(x.dtype)
     logits = F.linear(x2, gate_weight)
     weights, expert_ids, prob_sums, first_counts, z_sums = _route(logits, top_k, samples, name)
     x_sorted, sort_idx, offsets = _permute(x2.contiguous(), expert_ids, e, name)
@@ -154,11 +180,11 @@ def moe_mlp(
         y_sorted = _expert_mlp(x_sorted, w1.contiguous(), b1c, w2.contiguous(), b2c, offsets, activation, name)
         y = _unpermute(y_sorted, sort_idx, weights, name)
         balance, z = _aux_losses(prob_sums, first_counts, z_sums, t // samples)
-        return y.view(*lead, d_out), balance, z.to(x.dtype)
+        return _out(y, (*lead, d_out)), balance, z.to(x.dtype)
     h = _grouped_linear(x_sorted, w1.contiguous(), None if b1 is None else b1.contiguous(), offsets, activation, name)[
         0
     ]
     y_sorted = _grouped_linear(h, w2.contiguous(), None if b2 is None else b2.contiguous(), offsets, "none", name)[0]
     y = _unpermute(y_sorted, sort_idx, weights, name)
     balance, z = _aux_losses(prob_sums, first_counts, z_sums, t // samples)
-    return y.view(*lead, d_out), balance, z.to(x.dtype)
+    return _out(y, (*lead, d_out)), balance, z.to(x.dtype)

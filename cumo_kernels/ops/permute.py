@@ -7,7 +7,14 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ._common import check_device, check_float, check_index, grad_or_zeros
+from ._common import (
+    check_device,
+    check_float,
+    check_index,
+    grad_or_zeros,
+    guard_autograd,
+    refuse_double_backward,
+)
 
 
 @torch.library.custom_op("cumo::permute", mutates_args=())
@@ -52,6 +59,8 @@ def _permute_bwd(ctx, g_sorted, g_idx, g_offsets):
 
 
 _permute.register_autograd(_permute_bwd, setup_context=_permute_setup)
+guard_autograd(_permute)
+refuse_double_backward(_permute_backward, "permute")
 
 
 def permute(
@@ -118,6 +127,8 @@ def _unpermute_bwd(ctx, g_out):
 
 
 _unpermute.register_autograd(_unpermute_bwd, setup_context=_unpermute_setup)
+guard_autograd(_unpermute)
+refuse_double_backward(_unpermute_backward, "unpermute")
 
 
 def unpermute(y_sorted: Tensor, sort_idx: Tensor, weights: Tensor, *, backend: str | None = None) -> Tensor:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ._common import check_float, check_top_k, grad_or_zeros
+from ._common import check_float, check_top_k, grad_or_zeros, guard_autograd, refuse_double_backward
 
 
 @torch.library.custom_op("cumo::route", mutates_args=())
@@ -62,6 +62,8 @@ def _route_bwd(ctx, g_weights, g_ids, g_prob_sums, g_counts, g_z_sums):
 
 
 _route.register_autograd(_route_bwd, setup_context=_route_setup)
+guard_autograd(_route)
+refuse_double_backward(_route_backward, "route")
 
 
 def route(
@@ -130,6 +132,7 @@ def _aux_bwd(ctx, g_balance, g_z):
 
 
 _aux_losses.register_autograd(_aux_bwd, setup_context=_aux_setup)
+guard_autograd(_aux_losses)
 
 
 def aux_losses(

@@ -97,7 +97,8 @@ def grouped_linear_combine(
     y_sorted, _ = grouped_linear(h, weight, bias, offsets, "none")
     y_slot = torch.empty_like(y_sorted)
     y_slot[sort_idx] = y_sorted
-    out = torch.bmm(weights.to(y_slot.dtype).unsqueeze(1), y_slot.view(t, k, -1)).view(t, -1)
+    out = y_slot.new_empty(t, y_slot.shape[1])  # not a view (see unpermute)
+    torch.bmm(weights.to(y_slot.dtype).unsqueeze(1), y_slot.view(t, k, -1), out=out.view(t, 1, -1))
     return out, y_slot
 
 

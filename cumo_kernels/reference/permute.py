@@ -67,7 +67,11 @@ def unpermute(y_sorted: torch.Tensor, sort_idx: torch.Tensor, weights: torch.Ten
     n = y_sorted.shape[1]
     gathered = y_sorted.index_select(0, inverse_permutation(sort_idx)).view(t, k, n)
     w = weights.to(y_sorted.dtype).unsqueeze(1)
-    return torch.bmm(w, gathered).view(t, n)
+    # Into a [T, N] tensor of its own: an op's output must not be a view (autograd then refuses
+    # in-place ops on it, "a view created inside a custom Function").
+    out = y_sorted.new_empty(t, n)
+    torch.bmm(w, gathered, out=out.view(t, 1, n))
+    return out
 
 
 def unpermute_backward(
@@ -81,5 +85,6 @@ def unpermute_backward(
     w_rows = weights.reshape(-1).index_select(0, sort_idx).to(grad_out.dtype)
     grad_y = grad_out.index_select(0, token) * w_rows.unsqueeze(1)
     gathered = y_sorted.index_select(0, inverse_permutation(sort_idx)).view(t, k, n)
-    grad_w = torch.bmm(gathered, grad_out.to(y_sorted.dtype).unsqueeze(2)).view(t, k)
+    grad_w = y_sorted.new_empty(t, k)
+    torch.bmm(gathered, grad_out.to(y_sorted.dtype).unsqueeze(2), out=grad_w.view(t, k, 1))
     return grad_y.to(y_sorted.dtype), grad_w.to(weights.dtype)
