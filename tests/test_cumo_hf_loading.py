@@ -389,6 +389,24 @@ def test_dense_loaders_refuse_without_cumo_imported(tmp_path):
     assert "cumo_clip_vision_model" in lines["AutoModel"]  # transformers' unknown-model-type error
 
 
+def test_pipeline_loads_the_moe_tower(tmp_path):
+    """transformers' pipeline (AutoModel underneath) on a saved tower with an image processor."""
+    image_module = pytest.importorskip("PIL.Image")
+    import numpy as np
+    from transformers import CLIPImageProcessor, pipeline
+
+    model = trained(27)
+    model.save_pretrained(tmp_path)
+    processor = CLIPImageProcessor(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42})
+    processor.save_pretrained(tmp_path)
+    extract = pipeline("image-feature-extraction", model=str(tmp_path))
+    assert type(extract.model) is CLIPMoE
+    image = image_module.fromarray((np.random.default_rng(0).random((50, 60, 3)) * 255).astype("uint8"))
+    with torch.no_grad():
+        want = model(**processor(images=image, return_tensors="pt")).last_hidden_state
+    assert torch.equal(torch.tensor(extract(image)), want)
+
+
 def test_dense_class_refuses_with_cumo_imported(tmp_path):
     trained(19).save_pretrained(tmp_path)
     with pytest.raises(Exception, match="`import cumo`"):
