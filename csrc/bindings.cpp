@@ -71,10 +71,11 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("dtype"));
   m.def("host_topk", &host_topk, py::arg("scores"), py::arg("k"));
   m.def("host_permute_plan", &host_permute_plan, py::arg("ids"), py::arg("E"), py::arg("chunk"));
-  m.def("host_tile_schedule", &host_tile_schedule, py::arg("offsets"), py::arg("bm"));
+  m.def("host_tile_schedule", &host_tile_schedule, py::arg("offsets"), py::arg("bm"), py::arg("M") = -1);
   m.def("host_find_tile_expert", &host_find_tile_expert, py::arg("tiles"), py::arg("tile"));
-  m.def("host_compact_problems", &host_compact_problems, py::arg("offsets"));
-  m.def("host_problem_list", &host_problem_list, py::arg("kind"), py::arg("offsets"), py::arg("K"), py::arg("N"));
+  m.def("host_compact_problems", &host_compact_problems, py::arg("offsets"), py::arg("M") = -1);
+  m.def("host_problem_list", &host_problem_list, py::arg("kind"), py::arg("offsets"), py::arg("K"), py::arg("N"),
+        py::arg("M") = -1);
   m.def("host_aligned16", &host_aligned16, py::arg("address"), py::arg("row_elems"), py::arg("elem_bytes"));
   m.def("host_list_layout", &host_list_layout, py::arg("base"), py::arg("E"), py::arg("width"), py::arg("shape"),
         py::arg("stride_a"), py::arg("stride_b"), py::arg("stride_d"), py::arg("elem"));

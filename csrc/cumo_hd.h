@@ -108,32 +108,39 @@ CUMO_HD void route_token_backward(const float* l, int E, int k, int dtype, const
 
 // --------------------------------------------------------------- offsets and sort order (plan)
 
-// Slots (t, j) are grouped by expert, stable in slot order. The slots are cut into chunks of
-// `chunk` slots; chunk c counts its slots per expert (counts[c*E + e]); then
-//   offsets[e] = sum of all counts of experts < e,
-//   base[c*E + e] = offsets[e] + sum over chunks c' < c of counts[c'*E + e],
-// and slot i of chunk c with expert e goes to row base[c*E + e] + (slots of expert e before i in c).
+// Slots (t, j) are grouped by expert, stable in slot order, the dropped slots (bin E) last. The
+// slots are cut into chunks of `chunk` slots; chunk c counts its slots per bin b in 0..E
+// (counts[c*(E+1) + b]); then
+//   offsets[e] = sum of all counts of experts < e (offsets[E]: the routed slots),
+//   base[c*(E+1) + b] = offsets[b] + sum over chunks c' < c of counts[c'*(E+1) + b],
+// and slot i of chunk c in bin b goes to row base[c*(E+1) + b] + (slots of bin b before i in c).
+
+// A slot's bin in the plan: its expert for an id in 0..E-1, else E: a dropped slot (an id >= E is
+// expert parallelism's sentinel; a negative id, refused by the public op where it validates,
+// is dropped too rather than indexing out of bounds).
+CUMO_HD int expert_bin(int64_t id, int E) { return id < 0 || id >= E ? E : static_cast<int>(id); }
 
 // An expert id made safe to index with: out-of-range ids (a caller's bug) go to the last expert
 // rather than writing out of bounds.
 CUMO_HD int clamp_expert(int64_t id, int E) { return id < 0 ? 0 : (id >= E ? E - 1 : static_cast<int>(id)); }
 
-// offsets[0..E] from the per-chunk counts, summing over chunks in order.
+// offsets[0..E] from the per-chunk counts (E + 1 bins per chunk), summing over chunks in order.
 CUMO_HD void plan_offsets(const int* counts, int chunks, int E, int64_t* offsets) {
   int64_t run = 0;
   for (int e = 0; e < E; ++e) {
     offsets[e] = run;
-    for (int c = 0; c < chunks; ++c) run += counts[c * E + e];
+    for (int c = 0; c < chunks; ++c) run += counts[c * (E + 1) + e];
   }
   offsets[E] = run;
 }
 
-// base[c*E + e] for one expert e (the device runs one thread per expert).
-CUMO_HD void plan_bases(const int* counts, int chunks, int E, int e, int64_t offset_e, int64_t* base) {
-  int64_t run = offset_e;
+// base[c*(E+1) + b] for one bin b in 0..E, starting at offset_b = offsets[b] (the device runs one
+// thread per bin).
+CUMO_HD void plan_bases(const int* counts, int chunks, int E, int b, int64_t offset_b, int64_t* base) {
+  int64_t run = offset_b;
   for (int c = 0; c < chunks; ++c) {
-    base[c * E + e] = run;
-    run += counts[c * E + e];
+    base[c * (E + 1) + b] = run;
+    run += counts[c * (E + 1) + b];
   }
 }
 
@@ -151,23 +158,37 @@ CUMO_HD int64_t token_of_slot(int64_t slot, int k) { return slot / k; }
 
 // ------------------------------------------------------- grouped GEMM: schedule and compaction
 
-// Row-tile schedule: tiles[e] = number of tiles of bm rows before expert e; tiles[E] = total.
-// Experts without rows get no tile: they never reach a GEMM (DESIGN.md).
-CUMO_HD void build_tile_schedule(const int64_t* offsets, int E, int bm, int* tiles) {
-  int run = 0;
-  for (int e = 0; e < E; ++e) {
-    tiles[e] = run;
-    const int64_t rows = offsets[e + 1] - offsets[e];
-    run += rows > 0 ? static_cast<int>((rows + bm - 1) / bm) : 0;
-  }
-  tiles[E] = run;
+// The rows [begin, end) of group g of M grouped rows: expert g's for g < E, and for g == E the rows
+// offsets[E]:M, which belong to no expert (dropped slots: the GEMMs write zeros there). Offsets are
+// clamped into [0, M] as they are read, so that no row outside [0, M) is ever addressed whatever
+// a caller passes (wrong offsets give wrong rows, never an access out of bounds).
+CUMO_HD void group_rows(const int64_t* offsets, int E, int64_t M, int g, int64_t& begin, int64_t& end) {
+  const int64_t lo = offsets[g];
+  begin = lo < 0 ? 0 : (lo > M ? M : lo);
+  const int64_t hi = g < E ? offsets[g + 1] : M;
+  end = hi < begin ? begin : (hi > M ? M : hi);
 }
 
-// The expert owning global tile `tile` (tiles[e] <= tile < tiles[e+1], skipping empty experts),
-// or -1 when tile >= tiles[E] (the grid is launched for an upper bound of the tile count).
-CUMO_HD int find_tile_expert(const int* tiles, int E, int tile) {
-  if (tile >= tiles[E]) return -1;
-  int lo = 0, hi = E - 1;  // the last e with tiles[e] <= tile
+// Row-tile schedule over the E + 1 groups of group_rows: tiles[g] = number of tiles of bm rows
+// before group g; tiles[E+1] = total. Groups without rows get no tile: an expert without rows
+// never reaches a GEMM (DESIGN.md), and the dropped rows' group is empty unless permute dropped
+// slots.
+CUMO_HD void build_tile_schedule(const int64_t* offsets, int E, int64_t M, int bm, int* tiles) {
+  int run = 0;
+  for (int g = 0; g <= E; ++g) {
+    tiles[g] = run;
+    int64_t begin, end;
+    group_rows(offsets, E, M, g, begin, end);
+    run += static_cast<int>((end - begin + bm - 1) / bm);
+  }
+  tiles[E + 1] = run;
+}
+
+// The group owning global tile `tile` (tiles[g] <= tile < tiles[g+1], skipping empty groups) among
+// G groups, or -1 when tile >= tiles[G] (the grid is launched for an upper bound of the tile count).
+CUMO_HD int find_tile_expert(const int* tiles, int G, int tile) {
+  if (tile >= tiles[G]) return -1;
+  int lo = 0, hi = G - 1;  // the last g with tiles[g] <= tile
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
     if (tiles[mid] <= tile)
@@ -178,19 +199,22 @@ CUMO_HD int find_tile_expert(const int* tiles, int E, int tile) {
   return lo;
 }
 
-// An upper bound of the tile count that the host knows without reading offsets.
-CUMO_HD int max_tiles(int64_t rows, int E, int bm) { return static_cast<int>((rows + bm - 1) / bm) + E; }
+// An upper bound of the tile count of build_tile_schedule's E + 1 groups that the host knows
+// without reading offsets.
+CUMO_HD int max_tiles(int64_t rows, int E, int bm) { return static_cast<int>((rows + bm - 1) / bm) + E + 1; }
 
 // Problem-list compaction: experts[0..n) = the experts with rows, in order, rows[i] their row
-// counts, starts[i] their first rows; returns n. (The CUTLASS paths take this list.)
-CUMO_HD int compact_problems(const int64_t* offsets, int E, int* experts, int64_t* rows, int64_t* starts) {
+// counts, starts[i] their first rows (group_rows: clamped into [0, M)); returns n. (The CUTLASS
+// paths take this list.)
+CUMO_HD int compact_problems(const int64_t* offsets, int E, int64_t M, int* experts, int64_t* rows, int64_t* starts) {
   int n = 0;
   for (int e = 0; e < E; ++e) {
-    const int64_t r = offsets[e + 1] - offsets[e];
-    if (r > 0) {
+    int64_t begin, end;
+    group_rows(offsets, E, M, e, begin, end);
+    if (end > begin) {
       experts[n] = e;
-      rows[n] = r;
-      starts[n] = offsets[e];
+      rows[n] = end - begin;
+      starts[n] = begin;
       ++n;
     }
   }
@@ -244,13 +268,16 @@ CUMO_HD GroupedProblem dummy_problem(int kind, int i, int64_t K, int64_t N) {
   return p;
 }
 
-// The whole list of one launch: experts with rows first, in order, then dummies; returns the
-// number of real problems. (The device's setup kernels run this rule; host_tests.cu checks it.)
-CUMO_HD int build_problem_list(int kind, const int64_t* offsets, int E, int64_t K, int64_t N, GroupedProblem* out) {
+// The whole list of one launch over M grouped rows: experts with rows first, in order (their rows
+// from group_rows), then dummies; returns the number of real problems. (The device's setup kernels
+// run this rule; host_tests.cu checks it.)
+CUMO_HD int build_problem_list(int kind, const int64_t* offsets, int E, int64_t M, int64_t K, int64_t N,
+                               GroupedProblem* out) {
   int n = 0;
   for (int e = 0; e < E; ++e) {
-    const int64_t r = offsets[e + 1] - offsets[e];
-    if (r > 0) out[n++] = real_problem(kind, e, offsets[e], r, K, N);
+    int64_t begin, end;
+    group_rows(offsets, E, M, e, begin, end);
+    if (end > begin) out[n++] = real_problem(kind, e, begin, end - begin, K, N);
   }
   for (int i = n; i < E; ++i) out[i] = dummy_problem(kind, i, K, N);
   return n;

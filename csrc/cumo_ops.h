@@ -63,11 +63,13 @@ std::vector<int> host_topk(const std::vector<float>& scores, int k);
 // (sort_idx, offsets) of the permutation plan, computed chunk by chunk as the device does.
 std::pair<std::vector<int64_t>, std::vector<int64_t>> host_permute_plan(const std::vector<int64_t>& ids, int E,
                                                                          int chunk);
-std::vector<int> host_tile_schedule(const std::vector<int64_t>& offsets, int bm);
+// M: the grouped rows (-1: offsets.back()); rows offsets[E]:M are the dropped slots' group.
+std::vector<int> host_tile_schedule(const std::vector<int64_t>& offsets, int bm, i64 M);
 int host_find_tile_expert(const std::vector<int>& tiles, int tile);
-std::vector<std::vector<int64_t>> host_compact_problems(const std::vector<int64_t>& offsets);
+std::vector<std::vector<int64_t>> host_compact_problems(const std::vector<int64_t>& offsets, i64 M);
 // The CUTLASS paths' problem list: rows [m, n, k, a, b, d, lda, ldb, ldd, dummy] (cumo_hd.h).
-std::vector<std::vector<int64_t>> host_problem_list(int kind, const std::vector<int64_t>& offsets, i64 K, i64 N);
+std::vector<std::vector<int64_t>> host_problem_list(int kind, const std::vector<int64_t>& offsets, i64 K, i64 N,
+                                                    i64 M);
 bool host_aligned16(u64 address, i64 row_elems, int elem_bytes);
 // The CUTLASS paths' problem-list layout in a workspace (cumo_hd.h's list_layout): the offsets of
 // shapes, a, b, d, the three strides, zero, scratch, list, and end; and the bytes it needs.

@@ -13,6 +13,7 @@ namespace cumo {
 
 struct GroupedCall {
   int kind;     // GemmKind
+  int64_t M;    // grouped rows (rows offsets[E]:M belong to no expert: no problem covers them)
   int64_t K;    // x's columns (the layer's input width)
   int64_t N;    // the layer's output width
   int E;        // experts (the group count, empty ones included)

@@ -59,9 +59,10 @@ struct ProblemList {
 // Thread 0 builds the list with cumo_hd.h's build_problem_list (checked on the CPU by
 // host_tests.cu), then one thread per entry writes CUTLASS's arrays.
 template <typename Element>
-__global__ void setup_kernel(int kind, ProblemList<Element> pl, const int64_t* offsets, int E, int64_t K, int64_t N,
+__global__ void setup_kernel(int kind, ProblemList<Element> pl, const int64_t* offsets, int E, int64_t M, int64_t K,
+                             int64_t N,
                              Element* a, Element* b, Element* d) {
-  if (threadIdx.x == 0) build_problem_list(kind, offsets, E, K, N, pl.list);
+  if (threadIdx.x == 0) build_problem_list(kind, offsets, E, M, K, N, pl.list);
   __syncthreads();
   for (int i = threadIdx.x; i < E; i += blockDim.x) {
     const GroupedProblem p = pl.list[i];
@@ -76,9 +77,12 @@ __global__ void setup_kernel(int kind, ProblemList<Element> pl, const int64_t* o
 }
 
 template <typename Element>
-__global__ void zero_empty_experts_kernel(const int64_t* offsets, int64_t per_expert, Element* grad_w) {
+__global__ void zero_empty_experts_kernel(const int64_t* offsets, int E, int64_t M, int64_t per_expert,
+                                          Element* grad_w) {
   const int e = blockIdx.y;
-  if (offsets[e + 1] > offsets[e]) return;
+  int64_t begin, end;
+  group_rows(offsets, E, M, e, begin, end);
+  if (end > begin) return;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < per_expert;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     grad_w[e * per_expert + i] = Element(0.f);
@@ -129,8 +133,8 @@ void run_kind(const GroupedCall& c) {
 
   cudaError_t err = cudaMemsetAsync(pl.zero, 0, sizeof(Element) * width, c.stream);
   if (err != cudaSuccess) throw std::runtime_error(std::string("cumo_kernels._cuda: ") + cudaGetErrorString(err));
-  setup_kernel<Element><<<1, 128, 0, c.stream>>>(c.kind, pl, reinterpret_cast<const int64_t*>(c.offsets), c.E, c.K,
-                                                 c.N,
+  setup_kernel<Element><<<1, 128, 0, c.stream>>>(c.kind, pl, reinterpret_cast<const int64_t*>(c.offsets), c.E, c.M,
+                                                 c.K, c.N,
                                                 reinterpret_cast<Element*>(c.a), reinterpret_cast<Element*>(c.b),
                                                 reinterpret_cast<Element*>(c.d));
   err = cudaGetLastError();
@@ -153,7 +157,8 @@ void run_kind(const GroupedCall& c) {
   if (c.kind == kGradW) {
     const int64_t per = c.N * c.K;
     const dim3 grid(static_cast<unsigned>(per < 256 * 64 ? (per + 255) / 256 : 64), c.E);
-    zero_empty_experts_kernel<Element><<<grid, 256, 0, c.stream>>>(reinterpret_cast<const int64_t*>(c.offsets), per,
+    zero_empty_experts_kernel<Element><<<grid, 256, 0, c.stream>>>(reinterpret_cast<const int64_t*>(c.offsets), c.E, c.M,
+                                                                   per,
                                                                    reinterpret_cast<Element*>(c.d));
   }
   err = cudaGetLastError();

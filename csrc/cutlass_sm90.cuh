@@ -83,9 +83,9 @@ struct ProblemList {
 // host_tests.cu checks on the CPU), then one thread per entry turns it into CUTLASS's arrays.
 template <typename Element, typename G>
 __global__ void setup_kernel(int kind, ProblemList<Element, G> pl, GroupedProblem* list, const int64_t* offsets, int E,
-                             int64_t K, int64_t N, const Element* a, const Element* b, Element* d,
+                             int64_t M, int64_t K, int64_t N, const Element* a, const Element* b, Element* d,
                              typename G::StrideA sa, typename G::StrideB sb, typename G::StrideD sd) {
-  if (threadIdx.x == 0) build_problem_list(kind, offsets, E, K, N, list);
+  if (threadIdx.x == 0) build_problem_list(kind, offsets, E, M, K, N, list);
   __syncthreads();
   for (int i = threadIdx.x; i < E; i += blockDim.x) {
     const GroupedProblem p = list[i];
@@ -99,11 +99,14 @@ __global__ void setup_kernel(int kind, ProblemList<Element, G> pl, GroupedProble
   }
 }
 
-// grad_w[e] = 0 for the experts without rows.
+// grad_w[e] = 0 for the experts without rows (as build_problem_list counts them).
 template <typename Element>
-__global__ void zero_empty_experts_kernel(const int64_t* offsets, int64_t per_expert, Element* grad_w) {
+__global__ void zero_empty_experts_kernel(const int64_t* offsets, int E, int64_t M, int64_t per_expert,
+                                          Element* grad_w) {
   const int e = blockIdx.y;
-  if (offsets[e + 1] > offsets[e]) return;
+  int64_t begin, end;
+  group_rows(offsets, E, M, e, begin, end);
+  if (end > begin) return;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < per_expert;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     grad_w[e * per_expert + i] = Element(0.f);
@@ -179,7 +182,7 @@ void run_kind(int kind, const GroupedCall& c, typename G::StrideA sa, typename G
   cudaError_t err = cudaMemsetAsync(pl.zero, 0, sizeof(Element) * width, c.stream);
   if (err != cudaSuccess) throw std::runtime_error(std::string("cumo_kernels._cuda: ") + cudaGetErrorString(err));
   setup_kernel<Element, G><<<1, 128, 0, c.stream>>>(kind, pl, pl.list, reinterpret_cast<const int64_t*>(c.offsets), c.E,
-                                                     c.K, c.N, reinterpret_cast<const Element*>(c.a),
+                                                     c.M, c.K, c.N, reinterpret_cast<const Element*>(c.a),
                                                      reinterpret_cast<const Element*>(c.b),
                                                      reinterpret_cast<Element*>(c.d), sa, sb, sd);
   err = cudaGetLastError();
@@ -201,7 +204,8 @@ void run_kind(int kind, const GroupedCall& c, typename G::StrideA sa, typename G
   if (kind == kGradW) {
     const int64_t per = c.N * c.K;
     const dim3 grid(static_cast<unsigned>(per < 256 * 64 ? (per + 255) / 256 : 64), c.E);
-    zero_empty_experts_kernel<Element><<<grid, 256, 0, c.stream>>>(reinterpret_cast<const int64_t*>(c.offsets), per,
+    zero_empty_experts_kernel<Element><<<grid, 256, 0, c.stream>>>(reinterpret_cast<const int64_t*>(c.offsets), c.E, c.M,
+                                                                   per,
                                                                    reinterpret_cast<Element*>(c.d));
   }
   err = cudaGetLastError();

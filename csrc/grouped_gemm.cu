@@ -5,7 +5,9 @@
 // Path in this file: tiled SIMT kernels of this project (float32 accumulation, any dtype code,
 // any size and alignment, bias and activation fused in the epilogue). The per-expert problem list
 // is built on the device (a row-tile schedule from the offsets, empty experts get no tile), so
-// nothing synchronises with the host. The CUTLASS tensor-core paths (cutlass_sm90.cu,
+// nothing synchronises with the host. Rows offsets[E]:M belong to no expert (the dropped slots of
+// permute): y, pre and grad_x are zero there. Offsets are clamped as read (cumo_hd.h's group_rows):
+// wrong offsets give wrong rows, never an access out of bounds. The CUTLASS tensor-core paths (cutlass_sm90.cu,
 // cutlass_sm80.cu) take over where they are built and the operands suit them (cuda.py decides).
 #include "cumo_cuda.h"
 #include "cumo_ops.h"
@@ -16,8 +18,9 @@ namespace {
 
 constexpr int BM = 64, BN = 64, BK = 16, kThreads = 256;
 
-__global__ void tile_schedule_kernel(const int64_t* __restrict__ offsets, int E, int bm, int* __restrict__ tiles) {
-  if (threadIdx.x == 0 && blockIdx.x == 0) build_tile_schedule(offsets, E, bm, tiles);
+__global__ void tile_schedule_kernel(const int64_t* __restrict__ offsets, int E, int64_t M, int bm,
+                                     int* __restrict__ tiles) {
+  if (threadIdx.x == 0 && blockIdx.x == 0) build_tile_schedule(offsets, E, M, bm, tiles);
 }
 
 template <typename T>
@@ -28,18 +31,30 @@ __device__ __forceinline__ float round_as(float v) {
 }
 
 // C[r, c] = epilogue(sum_q A[r, q] * B_e(q, c)) for the rows r of expert e, where
-// B_e(q, c) = B[e * strideE + q * sbk + c * sbn]. One block per (row tile of one expert, column tile).
+// B_e(q, c) = B[e * strideE + q * sbk + c * sbn]. One block per (row tile of one group, column
+// tile); the tiles of group E (rows offsets[E]:M, dropped slots) store zeros (every activation
+// maps 0 to 0, so pre and C are both 0 there).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     grouped_rows_gemm_kernel(const T* __restrict__ A, int64_t lda, int64_t Kred, const T* __restrict__ B,
                              int64_t strideE, int64_t sbk, int64_t sbn, int64_t Ncols, const T* __restrict__ bias,
                              int act, T* __restrict__ C, T* __restrict__ pre, const int64_t* __restrict__ offsets,
-                             const int* __restrict__ tiles, int E) {
-  const int e = find_tile_expert(tiles, E, blockIdx.x);
+                             const int* __restrict__ tiles, int E, int64_t M) {
+  const int e = find_tile_expert(tiles, E + 1, blockIdx.x);
   if (e < 0) return;
-  const int64_t row0 = offsets[e] + static_cast<int64_t>(blockIdx.x - tiles[e]) * BM;
-  const int64_t row_end = offsets[e + 1];
+  int64_t begin, row_end;
+  group_rows(offsets, E, M, e, begin, row_end);
+  const int64_t row0 = begin + static_cast<int64_t>(blockIdx.x - tiles[e]) * BM;
   const int64_t col0 = static_cast<int64_t>(blockIdx.y) * BN;
+  if (e == E) {
+    for (int i = threadIdx.x; i < BM * BN; i += kThreads) {
+      const int64_t gr = row0 + i / BN, gc = col0 + i % BN;
+      if (gr >= row_end || gc >= Ncols) continue;
+      Elem<T>::store(C, gr * Ncols + gc, 0.f);
+      if (act != kNone) Elem<T>::store(pre, gr * Ncols + gc, 0.f);
+    }
+    return;
+  }
   const T* Be = B + e * strideE;
 
   __shared__ float As[BK][BM + 1];
@@ -96,10 +111,11 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     grouped_wgrad_kernel(const T* __restrict__ G, const T* __restrict__ X, int64_t N, int64_t K,
-                         const int64_t* __restrict__ offsets, T* __restrict__ grad_w) {
+                         const int64_t* __restrict__ offsets, int E, int64_t M, T* __restrict__ grad_w) {
   const int e = blockIdx.z;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BM, c0 = static_cast<int64_t>(blockIdx.x) * BN;
-  const int64_t r_begin = offsets[e], r_end = offsets[e + 1];
+  int64_t r_begin, r_end;
+  group_rows(offsets, E, M, e, r_begin, r_end);
   __shared__ float Gs[BK][BM + 1];
   __shared__ float Xs[BK][BN + 1];
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
@@ -140,17 +156,20 @@ __global__ void __launch_bounds__(kThreads)
 // The backward's pass over g = grad_y * act'(pre): writes grad_pre (with an activation) and
 // grad_b[e][n] = sum of g over expert e's rows (where grad_b is given), in one read of grad_y and
 // pre. Block (32 columns, kBiasLanes row lanes), grid (column tiles, E); see act_bias_lane.
-// Every row belongs to one expert (offsets[0] = 0, offsets[E] = M), so grad_pre is covered whole.
+// grad_pre is written on the experts' rows; the rows offsets[E]:M (dropped slots) are read by no
+// GEMM after it.
 template <typename T>
 __global__ void __launch_bounds__(32 * kBiasLanes)
     act_bias_grad_kernel(const T* __restrict__ grad_y, const T* __restrict__ pre, int64_t N,
-                         const int64_t* __restrict__ offsets, int act, int dtype, T* __restrict__ grad_pre,
-                         T* __restrict__ grad_b) {
+                         const int64_t* __restrict__ offsets, int E, int64_t M, int act, int dtype,
+                         T* __restrict__ grad_pre, T* __restrict__ grad_b) {
   __shared__ float parts[kBiasLanes][33];
   const int e = blockIdx.y;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  int64_t lo, hi;
+  group_rows(offsets, E, M, e, lo, hi);
   float acc = 0.f;
-  if (n < N) acc = act_bias_lane(grad_y, pre, grad_pre, N, n, offsets[e], offsets[e + 1], threadIdx.y, act, dtype);
+  if (n < N) acc = act_bias_lane(grad_y, pre, grad_pre, N, n, lo, hi, threadIdx.y, act, dtype);
   if (grad_b == nullptr) return;  // uniform over the block: no thread is left at the barrier
   parts[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
@@ -158,13 +177,23 @@ __global__ void __launch_bounds__(32 * kBiasLanes)
 }
 
 // The epilogue after a CUTLASS GEMM (whose own epilogue stores acc rounded to the dtype): one
-// block per row; v = d + bias[e]; with an activation pre = v and y = act(pre), else y = v.
+// block per row; v = d + bias[e]; with an activation pre = v and y = act(pre), else y = v. The rows
+// offsets[E]:M (dropped slots, which CUTLASS does not write) get zeros.
 // In place: d is `pre` (with an activation) or `y` (without), so d, pre and y are not __restrict__
 // (each element is read once and then written by the same thread).
 template <typename T>
 __global__ void bias_act_kernel(const T* d, const T* __restrict__ bias, const int64_t* __restrict__ offsets, int E,
-                                int64_t N, int act, T* pre, T* y) {
+                                int64_t M, int64_t N, int act, T* pre, T* y) {
   const int64_t r = blockIdx.x;
+  int64_t tail, unused;
+  group_rows(offsets, E, M, E, tail, unused);
+  if (r >= tail) {
+    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+      if (act != kNone) Elem<T>::store(pre, r * N + n, 0.f);
+      Elem<T>::store(y, r * N + n, 0.f);
+    }
+    return;
+  }
   int lo = 0, hi = E - 1;  // the expert owning row r: the last e with offsets[e] <= r
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
@@ -184,10 +213,30 @@ __global__ void bias_act_kernel(const T* d, const T* __restrict__ bias, const in
   }
 }
 
-GroupedCall make_call(int kind, u64 a, u64 b, u64 d, u64 offsets, i64 K, i64 N, int E, u64 workspace, i64 ws_bytes,
-                      cudaStream_t s, int device) {
+// out[r, :] = 0 for the rows offsets[E]:M (dropped slots), which the CUTLASS GEMMs do not write:
+// grid-stride over those rows (none in moe_mlp's own calls: every block returns at once).
+template <typename T>
+__global__ void zero_dropped_rows_kernel(const int64_t* __restrict__ offsets, int E, int64_t M, int64_t N,
+                                         T* __restrict__ out) {
+  int64_t tail, end;
+  group_rows(offsets, E, M, E, tail, end);
+  for (int64_t r = tail + blockIdx.x; r < end; r += gridDim.x)
+    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) Elem<T>::store(out, r * N + n, 0.f);
+}
+
+template <typename T>
+void zero_dropped_rows(const int64_t* offsets, int E, i64 M, i64 N, u64 out, cudaStream_t s) {
+  if (M == 0 || N == 0) return;
+  const unsigned grid = static_cast<unsigned>(M < 1024 ? M : 1024);
+  zero_dropped_rows_kernel<T><<<grid, 256, 0, s>>>(offsets, E, M, N, ptr<T>(out));
+  check_launch("zero_dropped_rows_kernel");
+}
+
+GroupedCall make_call(int kind, u64 a, u64 b, u64 d, u64 offsets, i64 M, i64 K, i64 N, int E, u64 workspace,
+                      i64 ws_bytes, cudaStream_t s, int device) {
   GroupedCall c{};
   c.kind = kind;
+  c.M = M;
   c.K = K;
   c.N = N;
   c.E = E;
@@ -202,7 +251,7 @@ GroupedCall make_call(int kind, u64 a, u64 b, u64 d, u64 offsets, i64 K, i64 N, 
   return c;
 }
 
-constexpr i64 kTilesBytes = 4096;  // the SIMT tile schedule: (E+1) ints, E <= 1023
+constexpr i64 kTilesBytes = 4352;  // the SIMT tile schedule: (E+2) ints, E <= 1023, 256-byte multiple
 
 void check_gemm_args(int E, int act, i64 M, i64 K, i64 N) {
   if (E < 1 || E > 1023) throw std::invalid_argument("cumo_kernels._cuda: grouped GEMM needs 1 <= E <= 1023");
@@ -211,9 +260,9 @@ void check_gemm_args(int E, int act, i64 M, i64 K, i64 N) {
   if (M < 0 || K < 0 || N < 0) throw std::invalid_argument("cumo_kernels._cuda: negative GEMM size");
 }
 
-int* tile_schedule(const int64_t* offsets, int E, u64 workspace, cudaStream_t s) {
+int* tile_schedule(const int64_t* offsets, int E, i64 M, u64 workspace, cudaStream_t s) {
   int* tiles = ptr<int>(workspace);
-  tile_schedule_kernel<<<1, 32, 0, s>>>(offsets, E, BM, tiles);
+  tile_schedule_kernel<<<1, 32, 0, s>>>(offsets, E, M, BM, tiles);
   check_launch("tile_schedule_kernel");
   return tiles;
 }
@@ -238,28 +287,30 @@ void grouped_linear_forward(u64 x, u64 weight, u64 bias, u64 offsets, i64 M, i64
   if (use_cutlass) {
     if (K == 0) throw std::invalid_argument("cumo_kernels._cuda: the CUTLASS path needs K > 0");
     const u64 d = act != kNone ? pre : y;
-    cutlass_grouped(make_call(kForward, x, weight, d, offsets, K, N, E, workspace + kTilesBytes,
+    cutlass_grouped(make_call(kForward, x, weight, d, offsets, M, K, N, E, workspace + kTilesBytes,
                               workspace_bytes - kTilesBytes, s, device),
                     dtype);
-    if (bias || act != kNone) {
-      dispatch_dtype(dtype, [&](auto tag) {
-        using Tp = decltype(tag);
-        bias_act_kernel<Tp><<<M, 256, 0, s>>>(ptr<const Tp>(d), ptr<const Tp>(bias), ptr<const int64_t>(offsets), E, N,
-                                              act, ptr<Tp>(pre), ptr<Tp>(y));
-      });
-      check_launch("bias_act_kernel");
-    }
+    dispatch_dtype(dtype, [&](auto tag) {
+      using Tp = decltype(tag);
+      if (bias || act != kNone) {
+        bias_act_kernel<Tp><<<M, 256, 0, s>>>(ptr<const Tp>(d), ptr<const Tp>(bias), ptr<const int64_t>(offsets), E, M,
+                                              N, act, ptr<Tp>(pre), ptr<Tp>(y));
+        check_launch("bias_act_kernel");
+      } else {
+        zero_dropped_rows<Tp>(ptr<const int64_t>(offsets), E, M, N, y, s);
+      }
+    });
     return;
   }
   const int64_t* off = ptr<const int64_t>(offsets);
-  int* tiles = tile_schedule(off, E, workspace, s);
+  int* tiles = tile_schedule(off, E, M, workspace, s);
   const dim3 grid(max_tiles(M, E, BM), grid_for(N, BN));
   if (grid.y > 65535) throw std::invalid_argument("cumo_kernels._cuda: N too large for the grouped GEMM grid");
   dispatch_dtype(dtype, [&](auto tag) {
     using Tp = decltype(tag);
     grouped_rows_gemm_kernel<Tp><<<grid, kThreads, 0, s>>>(ptr<const Tp>(x), K, K, ptr<const Tp>(weight), N * K, 1,
                                                            K, N, ptr<const Tp>(bias), act, ptr<Tp>(y), ptr<Tp>(pre),
-                                                           off, tiles, E);
+                                                           off, tiles, E, M);
   });
   check_launch("grouped_rows_gemm_kernel");
 }
@@ -279,25 +330,26 @@ void grouped_linear_backward(u64 grad_y, u64 x, u64 weight, u64 offsets, u64 pre
       // One pass: grad_pre (with an activation) and grad_b (with a bias). Before this, the two were
       // separate kernels and grad_b ran one thread per column over an expert's rows.
       act_bias_grad_kernel<Tp><<<dim3(grid_for(N, 32), E), dim3(32, kBiasLanes), 0, s>>>(
-          g, ptr<const Tp>(pre), N, off, act, dtype, ptr<Tp>(grad_pre), ptr<Tp>(grad_b));
+          g, ptr<const Tp>(pre), N, off, E, M, act, dtype, ptr<Tp>(grad_pre), ptr<Tp>(grad_b));
       check_launch("act_bias_grad_kernel");
       if (act != kNone && M > 0) g = ptr<const Tp>(grad_pre);  // (no grad_pre is allocated when M == 0)
     }
     if (use_cutlass) {
       if (M == 0 || N == 0 || K == 0) throw std::invalid_argument("cumo_kernels._cuda: the CUTLASS path needs M, N, K > 0");
       const u64 gp = reinterpret_cast<u64>(g);
-      cutlass_grouped(make_call(kGradW, gp, x, grad_w, offsets, K, N, E, workspace + kTilesBytes,
+      cutlass_grouped(make_call(kGradW, gp, x, grad_w, offsets, M, K, N, E, workspace + kTilesBytes,
                                 workspace_bytes - kTilesBytes, s, device),
                       dtype);
-      cutlass_grouped(make_call(kGradX, gp, weight, grad_x, offsets, K, N, E, workspace + kTilesBytes,
+      cutlass_grouped(make_call(kGradX, gp, weight, grad_x, offsets, M, K, N, E, workspace + kTilesBytes,
                                 workspace_bytes - kTilesBytes, s, device),
                       dtype);
+      zero_dropped_rows<Tp>(off, E, M, K, grad_x, s);
       return;
     }
     if (N > 0 && K > 0) {
       const dim3 wgrid(grid_for(K, BN), grid_for(N, BM), E);
       if (wgrid.y > 65535) throw std::invalid_argument("cumo_kernels._cuda: N too large for the wgrad grid");
-      grouped_wgrad_kernel<Tp><<<wgrid, kThreads, 0, s>>>(g, ptr<const Tp>(x), N, K, off, ptr<Tp>(grad_w));
+      grouped_wgrad_kernel<Tp><<<wgrid, kThreads, 0, s>>>(g, ptr<const Tp>(x), N, K, off, E, M, ptr<Tp>(grad_w));
       check_launch("grouped_wgrad_kernel");
     }
     if (M > 0 && K > 0) {
@@ -305,11 +357,11 @@ void grouped_linear_backward(u64 grad_y, u64 x, u64 weight, u64 offsets, u64 pre
         check_cuda(cudaMemsetAsync(ptr<void>(grad_x), 0, M * K * sizeof(Tp), s), "cudaMemsetAsync");
         return;
       }
-      int* tiles = tile_schedule(off, E, workspace, s);
+      int* tiles = tile_schedule(off, E, M, workspace, s);
       const dim3 grid(max_tiles(M, E, BM), grid_for(K, BN));
       if (grid.y > 65535) throw std::invalid_argument("cumo_kernels._cuda: K too large for the grouped GEMM grid");
       grouped_rows_gemm_kernel<Tp><<<grid, kThreads, 0, s>>>(g, N, N, ptr<const Tp>(weight), N * K, K, 1, K, nullptr,
-                                                             kNone, ptr<Tp>(grad_x), nullptr, off, tiles, E);
+                                                             kNone, ptr<Tp>(grad_x), nullptr, off, tiles, E, M);
       check_launch("grouped_rows_gemm_kernel (grad_x)");
     }
   });

@@ -76,51 +76,54 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> host_permute_plan(const st
   if (E < 1 || chunk < 1) throw std::invalid_argument("host_permute_plan: bad sizes");
   const int64_t slots = static_cast<int64_t>(ids.size());
   const int chunks = static_cast<int>((slots + chunk - 1) / chunk);
-  std::vector<int> counts(size_t(chunks) * E, 0), chunk_ids(chunk);
-  for (int64_t i = 0; i < slots; ++i) counts[size_t(i / chunk) * E + clamp_expert(ids[i], E)] += 1;
-  std::vector<int64_t> offsets(E + 1), base(size_t(chunks) * E), sort_idx(slots, -1);
+  const size_t bins = size_t(E) + 1;
+  std::vector<int> counts(size_t(chunks) * bins, 0), chunk_ids(chunk);
+  for (int64_t i = 0; i < slots; ++i) counts[size_t(i / chunk) * bins + expert_bin(ids[i], E)] += 1;
+  std::vector<int64_t> offsets(E + 1), base(size_t(chunks) * bins), sort_idx(slots, -1);
   plan_offsets(counts.data(), chunks, E, offsets.data());
-  for (int e = 0; e < E; ++e) plan_bases(counts.data(), chunks, E, e, offsets[e], base.data());
+  for (int b = 0; b <= E; ++b) plan_bases(counts.data(), chunks, E, b, offsets[b], base.data());
   for (int c = 0; c < chunks; ++c) {
     const int64_t first = int64_t(c) * chunk;
     const int len = static_cast<int>(std::min<int64_t>(chunk, slots - first));
-    for (int i = 0; i < len; ++i) chunk_ids[i] = clamp_expert(ids[first + i], E);
+    for (int i = 0; i < len; ++i) chunk_ids[i] = expert_bin(ids[first + i], E);
     for (int i = 0; i < len; ++i)
-      sort_idx[base[size_t(c) * E + chunk_ids[i]] + rank_in_chunk(chunk_ids.data(), i)] = first + i;
+      sort_idx[base[size_t(c) * bins + chunk_ids[i]] + rank_in_chunk(chunk_ids.data(), i)] = first + i;
   }
   return {sort_idx, offsets};
 }
 
-std::vector<int> host_tile_schedule(const std::vector<int64_t>& offsets, int bm) {
+std::vector<int> host_tile_schedule(const std::vector<int64_t>& offsets, int bm, i64 M) {
   if (offsets.size() < 2 || bm < 1) throw std::invalid_argument("host_tile_schedule: bad sizes");
   const int E = static_cast<int>(offsets.size()) - 1;
-  std::vector<int> tiles(E + 1);
-  build_tile_schedule(offsets.data(), E, bm, tiles.data());
+  std::vector<int> tiles(E + 2);
+  build_tile_schedule(offsets.data(), E, M < 0 ? offsets.back() : M, bm, tiles.data());
   return tiles;
 }
 
-int host_find_tile_expert(const std::vector<int>& tiles, int tile) {
+int host_find_tile_expert(const std::vector<int>& tiles, int tile) {  // tiles: G + 1 entries
   if (tiles.size() < 2) throw std::invalid_argument("host_find_tile_expert: bad sizes");
   return find_tile_expert(tiles.data(), static_cast<int>(tiles.size()) - 1, tile);
 }
 
-std::vector<std::vector<int64_t>> host_compact_problems(const std::vector<int64_t>& offsets) {
+std::vector<std::vector<int64_t>> host_compact_problems(const std::vector<int64_t>& offsets, i64 M) {
   if (offsets.size() < 2) throw std::invalid_argument("host_compact_problems: bad sizes");
   const int E = static_cast<int>(offsets.size()) - 1;
   std::vector<int> experts(E);
   std::vector<int64_t> rows(E), starts(E);
-  const int n = compact_problems(offsets.data(), E, experts.data(), rows.data(), starts.data());
+  const int n = compact_problems(offsets.data(), E, M < 0 ? offsets.back() : M, experts.data(), rows.data(),
+                                 starts.data());
   std::vector<std::vector<int64_t>> out;
   for (int i = 0; i < n; ++i) out.push_back({experts[i], rows[i], starts[i]});
   return out;
 }
 
-std::vector<std::vector<int64_t>> host_problem_list(int kind, const std::vector<int64_t>& offsets, i64 K, i64 N) {
+std::vector<std::vector<int64_t>> host_problem_list(int kind, const std::vector<int64_t>& offsets, i64 K, i64 N,
+                                                    i64 M) {
   if (offsets.size() < 2 || kind < kForward || kind > kGradW || K < 1 || N < 1)
     throw std::invalid_argument("host_problem_list: bad arguments");
   const int E = static_cast<int>(offsets.size()) - 1;
   std::vector<GroupedProblem> list(E);
-  build_problem_list(kind, offsets.data(), E, K, N, list.data());
+  build_problem_list(kind, offsets.data(), E, M < 0 ? offsets.back() : M, K, N, list.data());
   std::vector<std::vector<int64_t>> out;
   for (const GroupedProblem& p : list) out.push_back({p.m, p.n, p.k, p.a, p.b, p.d, p.lda, p.ldb, p.ldd, p.dummy});
   return out;

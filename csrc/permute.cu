@@ -12,35 +12,35 @@ constexpr int kRowBlock = 256;
 
 int64_t num_chunks(int64_t slots) { return (slots + kChunk - 1) / kChunk; }
 
-// 1. counts[c*E + e] = slots of chunk c routed to expert e.
+// 1. counts[c*(E+1) + b] = slots of chunk c in bin b (expert_bin: 0..E-1, E for dropped slots).
 __global__ void chunk_count_kernel(const int64_t* __restrict__ ids, int64_t slots, int E, int* __restrict__ counts) {
   extern __shared__ int hist[];
-  for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
+  for (int b = threadIdx.x; b <= E; b += blockDim.x) hist[b] = 0;
   __syncthreads();
   const int64_t i = blockIdx.x * static_cast<int64_t>(kChunk) + threadIdx.x;
-  if (i < slots) atomicAdd(&hist[clamp_expert(ids[i], E)], 1);  // integer: order-independent
+  if (i < slots) atomicAdd(&hist[expert_bin(ids[i], E)], 1);  // integer: order-independent
   __syncthreads();
-  for (int e = threadIdx.x; e < E; e += blockDim.x) counts[blockIdx.x * E + e] = hist[e];
+  for (int b = threadIdx.x; b <= E; b += blockDim.x) counts[blockIdx.x * (E + 1) + b] = hist[b];
 }
 
-// 2. offsets [E+1] and base [C*E], one block.
+// 2. offsets [E+1] and base [C*(E+1)], one block.
 __global__ void plan_kernel(const int* __restrict__ counts, int chunks, int E, int64_t* __restrict__ offsets,
                             int64_t* __restrict__ base) {
   if (threadIdx.x == 0) plan_offsets(counts, chunks, E, offsets);
   __syncthreads();
-  for (int e = threadIdx.x; e < E; e += blockDim.x) plan_bases(counts, chunks, E, e, offsets[e], base);
+  for (int b = threadIdx.x; b <= E; b += blockDim.x) plan_bases(counts, chunks, E, b, offsets[b], base);
 }
 
-// 3. sort_idx[base[c, e] + rank] = slot.
+// 3. sort_idx[base[c, b] + rank] = slot.
 __global__ void scatter_kernel(const int64_t* __restrict__ ids, int64_t slots, int E, const int64_t* __restrict__ base,
                                int64_t* __restrict__ sort_idx) {
   __shared__ int chunk_ids[kChunk];
   const int64_t i = blockIdx.x * static_cast<int64_t>(kChunk) + threadIdx.x;
-  chunk_ids[threadIdx.x] = i < slots ? clamp_expert(ids[i], E) : -1;
+  chunk_ids[threadIdx.x] = i < slots ? expert_bin(ids[i], E) : -1;
   __syncthreads();
   if (i >= slots) return;
-  const int e = chunk_ids[threadIdx.x];
-  sort_idx[base[blockIdx.x * E + e] + rank_in_chunk(chunk_ids, threadIdx.x)] = i;
+  const int b = chunk_ids[threadIdx.x];
+  sort_idx[base[blockIdx.x * (E + 1) + b] + rank_in_chunk(chunk_ids, threadIdx.x)] = i;
 }
 
 // 4. x_sorted[r] = x[sort_idx[r] / k]: one block per grouped row.
@@ -114,7 +114,7 @@ void launch_inverse(const int64_t* sort_idx, int64_t slots, int64_t* inv, cudaSt
 
 i64 permute_workspace_bytes(i64 slots, int E) {
   const int64_t c = num_chunks(slots);
-  const int64_t plan = c * E * (sizeof(int) + sizeof(int64_t)) + 16;
+  const int64_t plan = c * (E + 1) * (sizeof(int) + sizeof(int64_t)) + 16;
   const int64_t inv = slots * static_cast<int64_t>(sizeof(int64_t));
   return plan > inv ? plan : inv;
 }
@@ -128,12 +128,12 @@ void permute_forward(u64 x, u64 ids, i64 T, int k, i64 H, int E, int dtype, u64 
   const int64_t slots = T * k;
   const int64_t chunks = num_chunks(slots);
   int64_t* base = ptr<int64_t>(workspace);
-  int* counts = reinterpret_cast<int*>(base + chunks * E);
+  int* counts = reinterpret_cast<int*>(base + chunks * (E + 1));
   if (slots == 0) {
     check_cuda(cudaMemsetAsync(ptr<void>(offsets), 0, (E + 1) * sizeof(int64_t), s), "cudaMemsetAsync");
     return;
   }
-  chunk_count_kernel<<<chunks, kChunk, E * sizeof(int), s>>>(ptr<const int64_t>(ids), slots, E, counts);
+  chunk_count_kernel<<<chunks, kChunk, (E + 1) * sizeof(int), s>>>(ptr<const int64_t>(ids), slots, E, counts);
   check_launch("chunk_count_kernel");
   plan_kernel<<<1, 128, 0, s>>>(counts, static_cast<int>(chunks), E, ptr<int64_t>(offsets), base);
   check_launch("plan_kernel");

@@ -223,32 +223,70 @@ def test_permute_plan_matches_reference(case, chunk):
     assert offsets == ref_off.tolist()
 
 
-def test_permute_plan_clamps_out_of_range_ids():
+@pytest.mark.parametrize("chunk", [1, 3, 256])
+def test_permute_plan_drops_ids_outside_the_experts(chunk):
+    """Ids >= E are dropped slots (expert parallelism's sentinel): after every expert's rows, in
+    slot order, not counted in offsets[E]; as the torch backend's plan. A negative id (refused by
+    the public op where it validates) is dropped too: no index out of bounds. The plan used to
+    clamp such ids into expert 0 or E-1, computing them with that expert's weights."""
     ext = _ext()
-    sort_idx, offsets = ext.host_permute_plan([5, -1, 1, 0], 2, 3)
-    assert sorted(sort_idx) == [0, 1, 2, 3] and offsets == [0, 2, 4]
+    sort_idx, offsets = ext.host_permute_plan([5, -1, 1, 0, 2, 1], 2, chunk)
+    assert sort_idx == [3, 2, 5, 0, 1, 4] and offsets == [0, 1, 3]
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 9, (300, 2), generator=g)  # E = 6: ids 6, 7, 8 dropped
+    sort_idx, offsets = ext.host_permute_plan(ids.flatten().tolist(), 6, chunk)
+    _, ref_idx, ref_off = reference.permute(torch.zeros(300, 1), ids, 6)
+    assert sort_idx == ref_idx.tolist() and offsets == ref_off.tolist()
 
 
 def test_tile_schedule_and_problem_compaction():
     ext = _ext()
     offsets = [0, 0, 130, 130, 131, 200, 200]  # experts 0, 2, 5 have no rows
     tiles = ext.host_tile_schedule(offsets, 64)
-    assert tiles == [0, 0, 3, 3, 4, 6, 6]
+    assert tiles == [0, 0, 3, 3, 4, 6, 6, 6]  # E + 2 entries: the last group, dropped rows, is empty
     owners = [ext.host_find_tile_expert(tiles, i) for i in range(8)]
     assert owners == [1, 1, 1, 3, 4, 4, -1, -1]
     assert ext.host_compact_problems(offsets) == [[1, 130, 0], [3, 1, 130], [4, 69, 131]]
     assert ext.host_compact_problems([0, 0, 0]) == []
-    assert ext.host_tile_schedule([0, 0, 0], 64) == [0, 0, 0]
+    assert ext.host_tile_schedule([0, 0, 0], 64) == [0, 0, 0, 0]
+    # Rows past offsets[E] (dropped slots): group E, whose tiles the kernel fills with zeros.
+    tiles = ext.host_tile_schedule(offsets, 64, M=330)
+    assert tiles == [0, 0, 3, 3, 4, 6, 6, 9]
+    assert [ext.host_find_tile_expert(tiles, i) for i in range(5, 10)] == [4, 6, 6, 6, -1]
+    assert ext.host_compact_problems(offsets, M=330) == [[1, 130, 0], [3, 1, 130], [4, 69, 131]]
     # The grid's upper bound covers every schedule.
     g = torch.Generator().manual_seed(1)
     for _ in range(50):
         counts = torch.randint(0, 200, (6,), generator=g)
         off = [0] + torch.cumsum(counts, 0).tolist()
-        tl = ext.host_tile_schedule(off, 64)
-        assert tl[-1] <= (off[-1] + 63) // 64 + 6
+        m = off[-1] + int(torch.randint(0, 150, (1,), generator=g))
+        tl = ext.host_tile_schedule(off, 64, M=m)
+        assert tl[-1] <= (m + 63) // 64 + 6 + 1
         for tile in range(tl[-1]):
             e = ext.host_find_tile_expert(tl, tile)
-            assert off[e + 1] > off[e] and tl[e] <= tile < tl[e + 1]
+            lo, hi = (off[e], off[e + 1]) if e < 6 else (off[6], m)
+            assert hi > lo and tl[e] <= tile < tl[e + 1]
+
+
+@pytest.mark.parametrize("offsets", [[3, 1, 4, 9, 2], [-5, 2, 100, 3, 7], [0, 7, 7, 7, 7], [9, 9, 9, 9, 9]], ids=str)
+def test_garbage_offsets_never_address_rows_outside_m(offsets):
+    """Offsets not from permute (not from 0, decreasing, past M, negative): the schedule and the
+    CUTLASS problem list address only rows in [0, M) (group_rows clamps what it reads); the
+    values are wrong, the memory accesses in bounds."""
+    ext = _ext()
+    m, k_in, n_out = 7, 8, 16
+    tiles = ext.host_tile_schedule(offsets, 2, M=m)
+    assert tiles[-1] <= (m + 1) // 2 + len(offsets)
+    for _, rows, start in ext.host_compact_problems(offsets, M=m):
+        assert 0 <= start and rows > 0 and start + rows <= m
+    for kind in (0, 1, 2):
+        for p in ext.host_problem_list(kind, offsets, k_in, n_out, M=m):
+            mm, nn, kk, ao, bo, do, *_, dummy = p
+            if dummy:
+                continue
+            rows = mm if kind in (0, 1) else kk
+            first = (ao // k_in if kind == 0 else ao // n_out) if kind != 2 else bo // k_in
+            assert 0 <= first and first + rows <= m, (kind, p)
 
 
 def _run_problem_list(ext, kind, offsets, a, b, k_in, n_out, e_count, out_shape):

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from conftest import make_moe_inputs, seeded
+from conftest import make_moe_inputs, poison, seeded
 from test_ops import _cumo_ops, _op_samples
 
 import cumo_kernels
@@ -263,3 +263,180 @@ def test_autocast_leaves_float64_alone(device):
     assert y.dtype == ref.dtype == torch.float64 and z.dtype == torch.float64 and bal.dtype == torch.float64
     eager = layer(x)
     assert torch.equal(y, eager[0])
+
+
+# --------------------------------------------------------------- family 2: index inputs of ops
+
+BAD_OFFSETS = {
+    "not_from_0": [1, 2, 4, 6, 7],
+    "not_monotone": [0, 4, 2, 6, 7],
+    "past_M": [0, 2, 4, 6, 9],
+    "negative": [0, -2, 4, 6, 7],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OFFSETS))
+def test_grouped_linear_refuses_bad_offsets(backend, device, case):
+    """Bad offsets gave uninitialised rows (values changing per call), rows computed with another
+    expert's weights, or on Triton a corrupted heap; the op now says what offsets must be."""
+    x = torch.randn(7, 3, device=device)
+    w = torch.randn(4, 5, 3, device=device)
+    off = torch.tensor(BAD_OFFSETS[case], device=device)
+    with pytest.raises(ValueError, match=r"offsets: expected offsets\[0\] = 0, non-decreasing, offsets\[E\] <= M = 7"):
+        cumo_kernels.grouped_linear(x, w, None, off, backend=backend, validate=True if device == "cuda" else None)
+
+
+@pytest.mark.parametrize("case", list(BAD_OFFSETS))
+def test_unchecked_bad_offsets_stay_in_bounds(backend, device, case):
+    """validate=False (what moe_mlp's own calls amount to): wrong offsets give wrong rows, never an
+    access out of bounds (the Triton kernels clamp what they read; the torch backend's CPU path
+    checks the offsets it reads on the host anyway)."""
+    x = torch.randn(7, 3, device=device)
+    w = torch.randn(4, 5, 3, device=device)
+    off = torch.tensor(BAD_OFFSETS[case], device=device)
+    try:
+        y = cumo_kernels.grouped_linear(x, w, None, off, "gelu", backend=backend, validate=False)
+    except ValueError as exc:
+        assert "offsets" in str(exc)
+    else:
+        assert y.shape == (7, 5)
+
+
+def _dropped_expectation(ids: torch.Tensor, e: int):
+    """sort_idx and offsets of the rule, built slot by slot in Python: experts in order, each in
+    slot order, then the dropped slots (ids >= E) in slot order."""
+    flat = ids.reshape(-1).tolist()
+    order = [s for x in range(e) for s, i in enumerate(flat) if i == x] + [s for s, i in enumerate(flat) if i >= e]
+    offsets = [0]
+    for x in range(e):
+        offsets.append(offsets[-1] + sum(1 for i in flat if i == x))
+    return order, offsets
+
+
+@pytest.mark.parametrize("sentinel", ["E", "E+5", "mixed"])
+def test_permute_drops_ids_at_or_above_E(backend, device, sentinel):
+    """Expert ids >= E mark dropped slots (expert parallelism's sentinel, transformers' rule):
+    they were an IndexError on torch and a dropped or corrupted slot on Triton."""
+    e, k = 4, 2
+    g = seeded(3)
+    ids = torch.randint(0, e, (11, k), generator=g)
+    drop = torch.rand(11, k, generator=g) < 0.4
+    big = {
+        "E": torch.full_like(ids, e),
+        "E+5": torch.full_like(ids, e + 5),
+        "mixed": e + torch.randint(0, 300, ids.shape, generator=g),
+    }
+    ids = torch.where(drop, big[sentinel], ids)
+    x = torch.randn(11, 3, generator=g)
+    xs, sort_idx, offsets = cumo_kernels.permute(x.to(device), ids.to(device), e, backend=backend)
+    order, offs = _dropped_expectation(ids, e)
+    assert sort_idx.tolist() == order and offsets.tolist() == offs
+    assert torch.equal(xs.cpu(), x[torch.tensor(order) // k])
+
+
+def test_permute_refuses_negative_ids(backend, device):
+    x = torch.randn(3, 2, device=device)
+    ids = torch.tensor([[0, 1], [2, -1], [3, 0]], device=device)
+    with pytest.raises(ValueError, match=r"expert_ids: negative id -1 at \[1, 1\].* >= E = 4 for a dropped slot"):
+        cumo_kernels.permute(x, ids, 4, backend=backend, validate=True if device == "cuda" else None)
+    # Unchecked, a negative id counts as dropped: never an index out of bounds.
+    _, sort_idx, offsets = cumo_kernels.permute(x, ids, 4, backend=backend, validate=False)
+    assert sort_idx.tolist() == [0, 5, 1, 2, 4, 3] and offsets.tolist() == [0, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("case", ["out_of_range", "negative", "duplicate"])
+def test_unpermute_refuses_a_sort_idx_that_is_no_permutation(backend, device, case):
+    idx = {"out_of_range": [0, 1, 2, 3, 4, 9], "negative": [0, 1, -2, 3, 4, 5], "duplicate": [0, 1, 1, 3, 4, 5]}[case]
+    y = torch.randn(6, 2, device=device)
+    w = torch.rand(3, 2, device=device)
+    si = torch.tensor(idx, device=device)
+    with pytest.raises(ValueError, match=r"sort_idx: expected a permutation of 0\.\.T\*k-1"):
+        cumo_kernels.unpermute(y, si, w, backend=backend, validate=True if device == "cuda" else None)
+    try:  # unchecked: wrong rows (or torch's own index error), never out of bounds
+        out = cumo_kernels.unpermute(y, si, w, backend=backend, validate=False)
+    except (IndexError, RuntimeError):
+        pass
+    else:
+        assert out.shape == (3, 2)
+
+
+def test_validate_argument_is_checked():
+    with pytest.raises(TypeError, match="validate"):
+        cumo_kernels.permute(torch.randn(2, 3), torch.zeros(2, 1, dtype=torch.int64), 2, validate="yes")
+
+
+def _dirty_allocator(device: str, numel: int) -> None:
+    """Free NaN-filled blocks of about `numel` floats, so that an output row the op fails to write
+    shows (on the CPU, malloc hands the freed blocks out again; on CUDA, conftest.poison)."""
+    if device == "cuda":
+        poison(device)
+        return
+    blocks = [torch.full((numel + i,), float("nan")) for i in range(8)]
+    del blocks
+
+
+@pytest.mark.parametrize("activation", ["gelu", "none"])
+def test_dropped_rows_are_zero_in_grouped_linear(backend, device, activation):
+    """Rows offsets[E]:M belong to no expert: zero in y and in x's gradient, no share of dW or db."""
+    g = seeded(7)
+    m, live, e = 13, 9, 3
+    x = torch.randn(m, 5, generator=g).to(device).requires_grad_()
+    w = torch.randn(e, 4, 5, generator=g).to(device).requires_grad_()
+    b = torch.randn(e, 4, generator=g).to(device).requires_grad_()
+    off = torch.tensor([0, 2, 2, live], device=device)
+    gy = torch.randn(m, 4, generator=g).to(device)
+    _dirty_allocator(device, m * 5)
+    y = cumo_kernels.grouped_linear(x, w, b, off, activation, backend=backend)
+    assert (y[live:] == 0).all(), "dropped rows of y are not zero"
+    gx, gw, gb = torch.autograd.grad((y * gy).sum(), [x, w, b])
+    assert (gx[live:] == 0).all(), "dropped rows of grad x are not zero"
+    x2 = x.detach()[:live].clone().requires_grad_()
+    ry = cumo_kernels.grouped_linear(x2, w, b, off, activation, backend="torch")
+    rgx, rgw, rgb = torch.autograd.grad((ry * gy[:live]).sum(), [x2, w, b])
+    assert_close_rel(y[:live], ry.double(), F32, "y")
+    for name, a, r in (("grad x", gx[:live], rgx), ("grad w", gw, rgw), ("grad b", gb, rgb)):
+        assert_close_rel(a, r.double(), F32, name)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_expert_parallel_sentinels_through_the_ops(backend, device, top_k):
+    """What the transformers experts backend does with expert parallelism: slots whose expert
+    lives on another rank carry id E and routing weight 0. permute -> grouped_linear (x2) ->
+    unpermute equals the sum over each token's routed slots only, values and every gradient."""
+    g = seeded(11 + top_k)
+    t, d, h, o, e = 10, 6, 7, 5, 4
+    ids = torch.stack([torch.randperm(e + 2, generator=g)[:top_k] for _ in range(t)])  # ids 4, 5: elsewhere
+    ids = torch.where(ids >= e, torch.full_like(ids, e), ids)
+    wts = torch.rand(t, top_k, generator=g) * (ids < e)
+    leaves = {
+        "x": torch.randn(t, d, generator=g),
+        "w1": torch.randn(e, h, d, generator=g) / d**0.5,
+        "b1": torch.randn(e, h, generator=g),
+        "w2": torch.randn(e, o, h, generator=g) / h**0.5,
+        "b2": torch.randn(e, o, generator=g),
+        "wts": wts,
+    }
+    leaves = {n: v.to(device).requires_grad_() for n, v in leaves.items()}
+    gout = torch.randn(t, o, generator=g).to(device)
+
+    xs, si, off = cumo_kernels.permute(leaves["x"], ids.to(device), e, backend=backend)
+    hid = cumo_kernels.grouped_linear(xs, leaves["w1"], leaves["b1"], off, "silu", backend=backend)
+    ys = cumo_kernels.grouped_linear(hid, leaves["w2"], leaves["b2"], off, backend=backend)
+    out = cumo_kernels.unpermute(ys, si, leaves["wts"], backend=backend)
+    grads = torch.autograd.grad((out * gout).sum(), list(leaves.values()))
+
+    ref_leaves = {n: v.detach().cpu().double().requires_grad_() for n, v in leaves.items()}
+    rows = []
+    for ti in range(t):
+        acc = torch.zeros(o, dtype=torch.float64)
+        for j in range(top_k):
+            ex = int(ids[ti, j])
+            if ex < e:
+                hh = torch.nn.functional.silu(ref_leaves["w1"][ex] @ ref_leaves["x"][ti] + ref_leaves["b1"][ex])
+                acc = acc + ref_leaves["wts"][ti, j] * (ref_leaves["w2"][ex] @ hh + ref_leaves["b2"][ex])
+        rows.append(acc)
+    ref = torch.stack(rows)
+    rgrads = torch.autograd.grad((ref * gout.cpu().double()).sum(), list(ref_leaves.values()), allow_unused=True)
+    assert_close_rel(out, ref, F32, "out")
+    for name, a, r in zip(leaves, grads, rgrads):
+        assert_close_rel(a, torch.zeros_like(a).double() if r is None else r, F32, f"grad {name}")

@@ -159,3 +159,57 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     if any(t is not None and t.requires_grad for t in tensors):
         return True
     return torch._C._are_functorch_transforms_active()
+
+
+# ----------------------------------------------------------------------------- index validation
+
+
+def validation_wanted(validate: object, device: torch.device) -> bool:
+    """Whether a public op checks its index inputs' values: `validate` None means on CPU tensors
+    (host memory: the check costs O(indices), no sync), True on any device (on CUDA one host
+    sync), False never. Never under torch.compile or a torch.func transform (their tensors hold
+    no data to read)."""
+    if validate is not None and not isinstance(validate, bool):
+        raise TypeError(f"validate: expected None, True or False, got {type(validate).__name__}")
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return device.type == "cpu" if validate is None else validate
+
+
+def _first(mask: torch.Tensor) -> tuple[int, ...] | None:
+    """The index of the first True of `mask` (one host sync on CUDA), or None."""
+    if not bool(mask.any()):
+        return None
+    return tuple(int(i) for i in mask.nonzero()[0].tolist())
+
+
+def check_offsets_values(offsets: torch.Tensor, rows: int) -> None:
+    """offsets[0] = 0, non-decreasing, offsets[E] <= rows (rows offsets[E]:rows: dropped slots)."""
+    from ..reference.gemm import host_bounds
+
+    host_bounds(offsets, rows)
+
+
+def check_expert_ids_values(expert_ids: torch.Tensor, num_experts: int) -> None:
+    """No negative id (an id >= E marks a dropped slot: allowed)."""
+    at = _first(expert_ids < 0)
+    if at is not None:
+        raise ValueError(
+            f"expert_ids: negative id {int(expert_ids[at])} at {list(at)}; expected ids in 0..E-1 = "
+            f"0..{num_experts - 1}, or an id >= E = {num_experts} for a dropped slot"
+        )
+
+
+def check_sort_idx_values(sort_idx: torch.Tensor) -> None:
+    """sort_idx is a permutation of 0..M-1 (as `permute` returns it)."""
+    m = sort_idx.numel()
+    at = _first((sort_idx < 0) | (sort_idx >= m))
+    if at is None:
+        counts = torch.bincount(sort_idx, minlength=m)
+        dup = _first(counts != 1)
+        if dup is None:
+            return
+        msg = f"slot {dup[0]} appears {int(counts[dup])} times"
+    else:
+        msg = f"entry {at[0]} is {int(sort_idx[at])}, outside 0..{m - 1}"
+    raise ValueError(f"sort_idx: expected a permutation of 0..T*k-1 (as permute returns it), but {msg}")

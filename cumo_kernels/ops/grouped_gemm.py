@@ -13,10 +13,12 @@ from ._common import (
     check_device,
     check_float,
     check_index,
+    check_offsets_values,
     check_shape,
     guard_autograd,
     impl_or_twin,
     refuse_double_backward,
+    validation_wanted,
 )
 
 
@@ -121,6 +123,7 @@ def grouped_linear(
     activation: str = "none",
     *,
     backend: str | None = None,
+    validate: bool | None = None,
 ) -> Tensor:
     """Per-expert linear layer on rows grouped by expert (the grouped GEMM).
 
@@ -129,8 +132,12 @@ def grouped_linear(
         weight: [E, N, K], nn.Linear layout per expert.
         bias: [E, N] or None.
         offsets: [E+1] int64 row offsets (rows offsets[e]:offsets[e+1] use expert e), with
-            offsets[0] = 0 and offsets[E] = M.
+            offsets[0] = 0, non-decreasing, offsets[E] <= M: rows offsets[E]:M belong to no
+            expert (the dropped slots `permute` puts last) and are zero in y and in x's gradient.
         activation: "none", "quick_gelu", "gelu", "gelu_tanh", "silu" or "relu".
+        validate: check offsets' values (None: on CPU tensors, where it is free; True: also on
+            CUDA, at the cost of one host sync; False: never). See `cumo_kernels.ops` ("Index
+            inputs").
 
     Returns:
         y [M, N] x.dtype: act(x @ weight[e]^T + bias[e]) on each expert's rows. Gradients reach
@@ -152,6 +159,8 @@ def grouped_linear(
     check_activation(activation, allow_none=True)
     for name_, t in (("weight", weight), ("offsets", offsets)):
         check_device(name_, t, x.device)
+    if validation_wanted(validate, x.device):
+        check_offsets_values(offsets, x.shape[0])
     name = dispatch.select(backend, x.device)
     b = None if bias is None else bias.contiguous()
     return _grouped_linear(x.contiguous(), weight.contiguous(), b, offsets.contiguous(), activation, name)[0]

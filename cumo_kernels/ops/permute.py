@@ -9,11 +9,14 @@ from torch import Tensor
 from .. import dispatch
 from ._common import (
     check_device,
+    check_expert_ids_values,
     check_float,
     check_index,
+    check_sort_idx_values,
     grad_or_zeros,
     guard_autograd,
     refuse_double_backward,
+    validation_wanted,
 )
 
 
@@ -64,19 +67,29 @@ refuse_double_backward(_permute_backward, "permute")
 
 
 def permute(
-    x: Tensor, expert_ids: Tensor, num_experts: int, *, backend: str | None = None
+    x: Tensor,
+    expert_ids: Tensor,
+    num_experts: int,
+    *,
+    backend: str | None = None,
+    validate: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Group token rows by expert, on the device (no host sync).
 
     Args:
         x: [T, H] token rows.
-        expert_ids: [T, k] int64 in [0, E).
+        expert_ids: [T, k] int64: 0..E-1 routes the slot (t, j) to that expert; an id >= E
+            drops it (the sentinel of expert parallelism: the expert lives elsewhere). Negative
+            ids are an error.
         num_experts: E.
+        validate: check expert_ids' values (None: on CPU tensors; True: also on CUDA, at the
+            cost of one host sync; False: never). Unchecked, a negative id is dropped.
 
     Returns:
         x_sorted [T*k, H] (x_sorted[i] = x[sort_idx[i] // k]), sort_idx [T*k] int64 (the flat
-        slot t*k+j of each grouped row; stable), offsets [E+1] int64 (rows of expert e are
-        offsets[e]:offsets[e+1]). Gradient reaches x.
+        slot t*k+j of each grouped row; stable; the dropped slots last), offsets [E+1] int64
+        (rows of expert e are offsets[e]:offsets[e+1]; rows offsets[E]:T*k are the dropped
+        slots', which `grouped_linear` maps to zeros). Gradient reaches x.
     """
     check_float("x", x)
     if x.dim() != 2:
@@ -87,6 +100,8 @@ def permute(
         raise ValueError(f"expert_ids: expected {x.shape[0]} rows (one per token of x), got {expert_ids.shape[0]}")
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
+    if validation_wanted(validate, x.device):
+        check_expert_ids_values(expert_ids, num_experts)
     name = dispatch.select(backend, x.device)
     return _permute(x.contiguous(), expert_ids.contiguous(), num_experts, name)
 
@@ -131,12 +146,22 @@ guard_autograd(_unpermute)
 refuse_double_backward(_unpermute_backward, "unpermute")
 
 
-def unpermute(y_sorted: Tensor, sort_idx: Tensor, weights: Tensor, *, backend: str | None = None) -> Tensor:
+def unpermute(
+    y_sorted: Tensor,
+    sort_idx: Tensor,
+    weights: Tensor,
+    *,
+    backend: str | None = None,
+    validate: bool | None = None,
+) -> Tensor:
     """Weighted combine of grouped rows back to token order.
 
-    y_sorted [T*k, N], sort_idx [T*k] int64 (from `permute`), weights [T, k] ->
-    out [T, N] in y_sorted.dtype, out[t] = sum_j weights[t, j] * y_sorted[row of slot t*k+j].
-    Gradients reach y_sorted and weights.
+    y_sorted [T*k, N], sort_idx [T*k] int64 (from `permute`: a permutation of 0..T*k-1),
+    weights [T, k] -> out [T, N] in y_sorted.dtype,
+    out[t] = sum_j weights[t, j] * y_sorted[row of slot t*k+j]. A dropped slot's row is zero
+    (from `grouped_linear`), so it adds nothing for a finite weight.
+    Gradients reach y_sorted and weights. validate: check that sort_idx is a permutation (None:
+    on CPU tensors; True: also on CUDA, at the cost of one host sync; False: never).
     """
     check_float("y_sorted", y_sorted)
     check_float("weights", weights, y_sorted.dtype)
@@ -153,5 +178,7 @@ def unpermute(y_sorted: Tensor, sort_idx: Tensor, weights: Tensor, *, backend: s
         )
     for name_, t in (("sort_idx", sort_idx), ("weights", weights)):
         check_device(name_, t, y_sorted.device)
+    if validation_wanted(validate, y_sorted.device):
+        check_sort_idx_values(sort_idx)
     name = dispatch.select(backend, y_sorted.device)
     return _unpermute(y_sorted.contiguous(), sort_idx.contiguous(), weights.contiguous(), name)

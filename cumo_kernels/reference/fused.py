@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .gemm import grouped_linear, grouped_linear_backward
-from .permute import expert_offsets, permute_backward, unpermute_backward
+from .permute import expert_keys, offsets_of_keys, permute_backward, unpermute_backward
 from .routing import route, route_backward
 
 
@@ -41,8 +41,9 @@ def route_x_backward(
 
 
 def sort_experts(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`permute`'s (sort_idx [T*k], offsets [E+1]) without the permuted rows."""
-    return torch.argsort(expert_ids.reshape(-1), stable=True), expert_offsets(expert_ids, num_experts)
+    """`permute`'s (sort_idx [T*k], offsets [E+1]) without the permuted rows (ids >= E: dropped)."""
+    keys = expert_keys(expert_ids, num_experts)
+    return torch.argsort(keys, stable=True), offsets_of_keys(keys, num_experts)
 
 
 def grouped_linear_gather(

@@ -6,6 +6,10 @@ Three strategies, chosen by `gemm_strategy`:
 - "grouped_mm": `torch.nn.functional.grouped_mm` on CUDA, bf16, with 16-byte aligned strides.
 - "masked": every expert over all rows, rows of other experts zeroed (E times the FLOPs, no
   host sync, any dtype and size): the CUDA fallback where `grouped_mm` refuses.
+
+Rows offsets[E]:M belong to no expert (dropped slots, see permute.py): every strategy writes zeros
+there, in the output and in grad_x. The per-expert strategy reads the offsets on the host anyway,
+so it checks them there (offsets[0] = 0, non-decreasing, offsets[E] <= M) at no cost.
 """
 
 from __future__ import annotations
@@ -42,6 +46,23 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def host_bounds(offsets: torch.Tensor, rows: int) -> list[int]:
+    """offsets as a host list (free on CPU tensors), checked: offsets[0] = 0, non-decreasing,
+    offsets[E] <= rows (rows offsets[E]:rows are dropped slots'). Raises ValueError naming them."""
+    bounds = offsets.tolist()
+    if bounds[0] != 0 or bounds[-1] > rows or any(a > b for a, b in zip(bounds, bounds[1:])):
+        shown = bounds if len(bounds) <= 12 else [*bounds[:6], "...", *bounds[-5:]]
+        raise ValueError(
+            f"offsets: expected offsets[0] = 0, non-decreasing, offsets[E] <= M = {rows} (the rows of x), got {shown}"
+        )
+    return bounds
+
+
+def _live_rows(offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows, 1] bool, True on the rows of some expert (before offsets[E]; on the device)."""
+    return (torch.arange(rows, device=offsets.device) < offsets[-1]).unsqueeze(1)
+
+
 def _row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
     """[rows] int64 expert of each grouped row (on the device, no sync)."""
     r = torch.arange(rows, device=offsets.device)
@@ -76,7 +97,8 @@ def _linear_pre(x, weight, bias, offsets, strategy):
     num_experts, n, _ = weight.shape
     if strategy == "per_expert":
         pre = x.new_empty(m, n)
-        bounds = offsets.tolist()
+        bounds = host_bounds(offsets, m)
+        pre[bounds[-1] :].zero_()  # dropped rows
         for e in range(num_experts):
             s, t = bounds[e], bounds[e + 1]
             if s == t:
@@ -87,7 +109,8 @@ def _linear_pre(x, weight, bias, offsets, strategy):
         pre = F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets[1:].to(torch.int32))
         if bias is not None:
             pre = pre + bias.index_select(0, _row_experts(offsets, m))
-        return pre
+        # grouped_mm leaves the rows past offsets[E] (dropped slots) unwritten
+        return torch.where(_live_rows(offsets, m), pre, 0)
     out = torch.zeros(m, n, dtype=x.dtype, device=x.device)
     for e in range(num_experts):
         y = F.linear(x, weight[e], None if bias is None else bias[e])
@@ -165,10 +188,10 @@ def _by_rows(fn, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _row_blocks(offsets: torch.Tensor, num_experts: int, block: int):
+def _row_blocks(bounds: list[int], num_experts: int, block: int):
     """(expert, first row, end row) of each row block, expert by expert (host row counts: CPU);
-    an expert's rows in ceil(rows / block) blocks of equal size (within one row)."""
-    bounds = offsets.tolist()
+    an expert's rows in ceil(rows / block) blocks of equal size (within one row). `bounds`: the
+    offsets as a host list (`host_bounds`)."""
     for e in range(num_experts):
         s, t = bounds[e], bounds[e + 1]
         if s == t:
@@ -184,7 +207,10 @@ def _per_expert_act(x, weight, bias, offsets, activation):
     num_experts, n, _ = weight.shape
     pre = x.new_empty(m, n)
     y = x.new_empty(m, n)
-    for e, r0, r1 in _row_blocks(offsets, num_experts, _row_block(n, x.dtype)):
+    bounds = host_bounds(offsets, m)
+    pre[bounds[-1] :].zero_()  # dropped rows (act(0) = 0 for every activation)
+    y[bounds[-1] :].zero_()
+    for e, r0, r1 in _row_blocks(bounds, num_experts, _row_block(n, x.dtype)):
         _linear_into(x[r0:r1], weight[e], None if bias is None else bias[e], pre[r0:r1])
         y[r0:r1] = _activations.apply(pre[r0:r1], activation)
     return y, pre
@@ -209,12 +235,13 @@ def grouped_linear_backward(
     m = x.shape[0]
     num_experts = weight.shape[0]
     strategy = gemm_strategy(x, weight)
+    bounds = host_bounds(offsets, m) if strategy == "per_expert" else None
     if activation == "none":
         g = grad_y
     elif strategy == "per_expert":
         # Block by block, so that the derivative's several elementwise steps run in the cache.
         g = torch.empty_like(grad_y)
-        for _, r0, r1 in _row_blocks(offsets, num_experts, _row_block(grad_y.shape[1], x.dtype)):
+        for _, r0, r1 in _row_blocks(bounds, num_experts, _row_block(grad_y.shape[1], x.dtype)):
             g[r0:r1] = _act_grad(grad_y[r0:r1], pre[r0:r1], activation, x.dtype)
     else:
         # Row chunks, so that the derivative's float32 temporaries stay small (_CHUNK_ELEMS).
@@ -224,9 +251,9 @@ def grouped_linear_backward(
         # Allocated empty and written expert by expert: zero-filling a gradient as large as the
         # weights costs as much as a quarter of the backward's GEMM time on the CPU.
         grad_x = x.new_empty(x.shape)
+        grad_x[bounds[-1] :].zero_()  # dropped rows
         grad_w = torch.empty_like(weight)
         grad_b = weight.new_empty(weight.shape[:2]) if has_bias else None
-        bounds = offsets.tolist()
         for e in range(num_experts):
             s, t = bounds[e], bounds[e + 1]
             if s == t:
@@ -242,7 +269,7 @@ def grouped_linear_backward(
     grad_b = _segment_sum(g, offsets, num_experts) if has_bias else None
     if strategy == "grouped_mm":
         offs = offsets[1:].to(torch.int32)
-        grad_x = F.grouped_mm(g, weight, offs=offs)
+        grad_x = torch.where(_live_rows(offsets, m), F.grouped_mm(g, weight, offs=offs), 0)  # dropped rows: 0
         grad_w = F.grouped_mm(g.t(), x, offs=offs)
         return grad_x, grad_w, grad_b
     grad_x = torch.zeros(m, x.shape[1], dtype=x.dtype, device=x.device)
@@ -275,7 +302,9 @@ def expert_mlp(
         h = grouped_linear(x, w1, b1, offsets, activation)[0]
         return grouped_linear(h, w2, b2, offsets, "none")[0]
     y = x.new_empty(x.shape[0], w2.shape[1])
-    for e, r0, r1 in _row_blocks(offsets, w1.shape[0], _row_block(w1.shape[1], x.dtype)):
+    bounds = host_bounds(offsets, x.shape[0])
+    y[bounds[-1] :].zero_()  # dropped rows
+    for e, r0, r1 in _row_blocks(bounds, w1.shape[0], _row_block(w1.shape[1], x.dtype)):
         h = F.linear(x[r0:r1], w1[e], None if b1 is None else b1[e])
         h = _activations.apply(h, activation)
         _linear_into(h, w2[e], None if b2 is None else b2[e], y[r0:r1])

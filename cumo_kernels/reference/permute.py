@@ -1,18 +1,31 @@
-"""Grouping token rows by expert and the weighted combine back to token order, in torch."""
+"""Grouping token rows by expert and the weighted combine back to token order, in torch.
+
+Expert ids 0..E-1 route a slot; an id >= E marks a dropped slot (an expert-parallel sentinel: the
+expert lives elsewhere). Dropped slots sort after every expert's rows, in slot order, and
+offsets[E] counts the routed slots only, so rows offsets[E]:T*k belong to no expert (the grouped
+GEMM writes zeros there). A negative id is refused by the public ops where they validate; here it
+counts as dropped too, so that no id indexes out of bounds.
+"""
 
 from __future__ import annotations
 
 import torch
 
 
-def expert_offsets(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E + 1] int64 row offsets of each expert's group, computed on the ids' device (no sync:
-    a scatter-add of ones, not `bincount`, whose output size is data-dependent on CUDA)."""
-    flat = expert_ids.reshape(-1)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts, dim=0, out=offsets[1:])
+def expert_keys(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T*k] int64 sort keys of the slots: the expert id, or E for an id outside 0..E-1."""
+    keys = expert_ids.reshape(-1).clamp(max=num_experts)  # a new tensor
+    return keys.masked_fill_(keys < 0, num_experts)
+
+
+def offsets_of_keys(keys: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E + 1] int64 row offsets from the slots' sort keys, on their device (no sync: a
+    scatter-add of ones, not `bincount`, whose output size is data-dependent on CUDA). Dropped
+    slots (key E) are not counted: offsets[E] is the number of routed slots."""
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=keys.device)
+    counts.scatter_add_(0, keys, torch.ones_like(keys))
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=keys.device)
+    torch.cumsum(counts[:num_experts], dim=0, out=offsets[1:])
     return offsets
 
 
@@ -30,18 +43,20 @@ def permute(
 
     Args:
         x: [T, H] token rows.
-        expert_ids: [T, k] int64 expert of each (token, choice) slot.
+        expert_ids: [T, k] int64 expert of each (token, choice) slot; >= E: dropped.
         num_experts: E.
 
     Returns:
         x_sorted: [T*k, H], x_sorted[i] = x[sort_idx[i] // k].
         sort_idx: [T*k] int64 flat slot t*k+j of each grouped row; stable, so within an expert
-            rows keep slot order.
-        offsets: [E + 1] int64; rows offsets[e]:offsets[e+1] belong to expert e.
+            rows keep slot order; dropped slots last.
+        offsets: [E + 1] int64; rows offsets[e]:offsets[e+1] belong to expert e, rows
+            offsets[E]:T*k are the dropped slots'.
     """
     k = expert_ids.shape[1]
-    sort_idx = torch.argsort(expert_ids.reshape(-1), stable=True)
-    offsets = expert_offsets(expert_ids, num_experts)
+    keys = expert_keys(expert_ids, num_experts)
+    sort_idx = torch.argsort(keys, stable=True)
+    offsets = offsets_of_keys(keys, num_experts)
     x_sorted = x.index_select(0, torch.div(sort_idx, k, rounding_mode="floor"))
     return x_sorted, sort_idx, offsets
 

@@ -1,9 +1,12 @@
 """Grouped GEMM kernels: one launch for all experts over rows grouped by expert.
 
-Tile schedule without a host sync: there are cdiv(M, BM) + E row tiles, an upper bound on
-sum_e cdiv(M_e, BM) for any split of M rows; each program walks the E+1 offsets (E is small) to
-find its expert and row block, and a program past the last tile runs no K iterations and stores
-nothing.
+Tile schedule without a host sync: there are cdiv(M, BM) + E + 1 row tiles, an upper bound on
+sum_e cdiv(M_e, BM) plus the tiles of the rows past offsets[E] (dropped slots, which belong to no
+expert: their tiles store zeros) for any split of M rows; each program walks the E+1 offsets (E is
+small) to find its expert and row block, and a program past the last tile runs no K iterations and
+stores nothing. Offsets are clamped into [0, M] and made non-decreasing as they are read, so that
+no row outside [0, M) is addressed whatever a caller passes (garbage in, garbage out, but no
+out-of-bounds access); sort_idx entries are clamped the same way.
 
 Options, each a constexpr:
 - GATHER (forward, dW): A's rows are read through the sort order, x[sort_idx[r] // k], so no
@@ -140,22 +143,27 @@ def _tma_usable(a: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _find_tile(offsets_ptr, E, pid, BM: tl.constexpr):
-    """(expert, first row, end row) of the pid-th tile of BM rows; expert -1 past the last tile."""
+def _find_tile(offsets_ptr, E, M, pid, BM: tl.constexpr):
+    """(expert, first row, end row) of the pid-th tile of BM rows: the experts' tiles in order,
+    then those of the rows offsets[E]:M (expert E: dropped slots, stored as zeros); expert -1 past
+    the last tile. Expert e's rows run from the previous end to offsets[e+1] clamped into
+    [previous end, M]."""
     zero = tl.load(offsets_ptr) * 0
     e_sel = zero - 1
     row0 = zero
     row_end = zero
     acc = zero
-    for e in range(E):
-        s = tl.load(offsets_ptr + e)
-        t = tl.load(offsets_ptr + e + 1)
+    s = zero
+    for e in range(E + 1):
+        t = tl.load(offsets_ptr + tl.minimum(e + 1, E))
+        t = tl.where(e < E, tl.minimum(tl.maximum(t, s), M), M)
         n_t = (t - s + BM - 1) // BM
         hit = (pid >= acc) & (pid < acc + n_t)
         e_sel = tl.where(hit, e, e_sel)
         row0 = tl.where(hit, s + (pid - acc) * BM, row0)
         row_end = tl.where(hit, t, row_end)
         acc += n_t
+        s = t
     return e_sel, row0, row_end
 
 
@@ -175,11 +183,10 @@ def _grouped_order(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _tile_of(pid, offsets_ptr, E, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of program pid over the grouped kernels' tiles: cdiv(M, BM) + E row tiles
-    (an upper bound of the experts' tiles; M = offsets[E]) by cdiv(N, BN) column tiles."""
-    m_total = tl.load(offsets_ptr + E)
-    num_m = (m_total + BM - 1) // BM + E
+def _tile_of(pid, M, E, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program pid over the grouped kernels' tiles: cdiv(M, BM) + E + 1 row
+    tiles (an upper bound of the experts' and the dropped rows' tiles) by cdiv(N, BN) column tiles."""
+    num_m = (M + BM - 1) // BM + E + 1
     num_n = (N + BN - 1) // BN
     return _grouped_order(pid, num_m, num_n, GROUP_M)
 
@@ -189,6 +196,7 @@ def _row_tile(
     offsets_ptr,
     idx_ptr,
     E,
+    M,
     N,
     top_k,
     pid_m,
@@ -199,24 +207,27 @@ def _row_tile(
     BN: tl.constexpr,
 ):
     """A block's tile of grouped rows x output columns (both forward kernels, and dX with its
-    columns over K): expert (-1 past the last tile) and first row; rows (clamped to 0 where
-    masked), their mask, slots (sort_idx of the rows with GATHER or SCATTER, else the rows), A's
-    rows (the slots' tokens with GATHER); columns, their mask; the expert clamped to 0 for
-    addressing."""
-    e_sel, row0, row_end = _find_tile(offsets_ptr, E, pid_m, BM)
+    columns over K): expert (-1 past the last tile, E on dropped rows) and first row; rows
+    (clamped to 0 where masked), their mask, slots (sort_idx of the rows with GATHER or SCATTER,
+    clamped into [0, M), else the rows), A's rows (the slots' tokens with GATHER); columns, their
+    mask; the expert clamped into [0, E) for addressing; whether the tile computes (an expert's
+    rows: no K iterations otherwise)."""
+    e_sel, row0, row_end = _find_tile(offsets_ptr, E, M, pid_m, BM)
     rows = row0 + tl.arange(0, BM)
     rmask = rows < row_end
     rows = tl.where(rmask, rows, 0)
     slot = rows
     if GATHER or SCATTER:
         slot = tl.load(idx_ptr + rows, mask=rmask, other=0)
+        slot = tl.minimum(tl.maximum(slot, 0), M - 1)
     arow = rows
     if GATHER:
         arow = slot // top_k
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < N
-    e_safe = tl.maximum(e_sel, 0)
-    return e_sel, row0, rows, rmask, slot, arow, cols, cmask, e_safe
+    e_safe = tl.minimum(tl.maximum(e_sel, 0), E - 1)
+    live = (e_sel >= 0) & (e_sel < E)
+    return e_sel, row0, rows, rmask, slot, arow, cols, cmask, e_safe, live
 
 
 @triton.jit
@@ -231,6 +242,7 @@ def _fwd_epilogue(
     cols,
     cmask,
     e_safe,
+    live,
     N,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
@@ -238,9 +250,11 @@ def _fwd_epilogue(
     STORE_PRE: tl.constexpr,
 ):
     """+ bias, store the pre-activation (rounded to the output dtype; only when a backward will
-    need it) and act(pre); rows go to sort_idx[r] when SCATTER."""
+    need it) and act(pre); rows go to sort_idx[r] when SCATTER. A dropped rows' tile (not `live`)
+    adds no bias: it stores zeros (every activation maps 0 to 0)."""
     if HAS_BIAS:
-        acc += tl.load(b_ptr + e_safe * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(b_ptr + e_safe * N + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc += tl.where(live, bias, 0.0)[None, :]
     orow = rows
     if SCATTER:
         orow = slot
@@ -264,6 +278,7 @@ def _grouped_fwd_kernel(
     pre_ptr,
     offsets_ptr,
     idx_ptr,
+    M,
     N,
     K,
     E,
@@ -280,13 +295,13 @@ def _grouped_fwd_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_of(tl.program_id(0), offsets_ptr, E, N, BM, BN, GROUP_M)
-    e_sel, row0, rows, rmask, slot, arow, cols, cmask, e_safe = _row_tile(
-        offsets_ptr, idx_ptr, E, N, top_k, pid_m, pid_n, GATHER, SCATTER, BM, BN
+    pid_m, pid_n = _tile_of(tl.program_id(0), M, E, N, BM, BN, GROUP_M)
+    e_sel, row0, rows, rmask, slot, arow, cols, cmask, e_safe, live = _row_tile(
+        offsets_ptr, idx_ptr, E, M, N, top_k, pid_m, pid_n, GATHER, SCATTER, BM, BN
     )
     w_base = w_ptr + e_safe * N * K
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    k_end = tl.where(e_sel >= 0, K, 0)
+    k_end = tl.where(live, K, 0)
     for k0 in range(0, k_end, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < K
@@ -294,7 +309,7 @@ def _grouped_fwd_kernel(
         b = tl.load(w_base + cols[None, :] * K + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     _fwd_epilogue(
-        acc, b_ptr, y_ptr, pre_ptr, rows, slot, rmask, cols, cmask, e_safe, N, HAS_BIAS, ACT, SCATTER, STORE_PRE
+        acc, b_ptr, y_ptr, pre_ptr, rows, slot, rmask, cols, cmask, e_safe, live, N, HAS_BIAS, ACT, SCATTER, STORE_PRE
     )
 
 
@@ -308,6 +323,7 @@ def _grouped_fwd_tma_kernel(
     pre_ptr,
     offsets_ptr,
     idx_ptr,
+    M,
     N,
     K,
     E,
@@ -329,14 +345,14 @@ def _grouped_fwd_tma_kernel(
     descriptors (w viewed as [E*N, K], a as [M, K]). A block may read rows of the next expert or
     the next expert's weight rows: those rows / columns are masked at the store, and TMA zero-fills
     past the tensors' ends."""
-    pid_m, pid_n = _tile_of(tl.program_id(0), offsets_ptr, E, N, BM, BN, GROUP_M)
-    e_sel, row0, rows, rmask, slot, arow, cols, cmask, e_safe = _row_tile(
-        offsets_ptr, idx_ptr, E, N, top_k, pid_m, pid_n, GATHER, SCATTER, BM, BN
+    pid_m, pid_n = _tile_of(tl.program_id(0), M, E, N, BM, BN, GROUP_M)
+    e_sel, row0, rows, rmask, slot, arow, cols, cmask, e_safe, live = _row_tile(
+        offsets_ptr, idx_ptr, E, M, N, top_k, pid_m, pid_n, GATHER, SCATTER, BM, BN
     )
     w_row = (e_safe * N + pid_n * BN).to(tl.int32)
     a_row = row0.to(tl.int32)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    k_end = tl.where(e_sel >= 0, K, 0)
+    k_end = tl.where(live, K, 0)
     for k0 in range(0, k_end, BK):
         if GATHER:
             ks = k0 + tl.arange(0, BK)
@@ -346,7 +362,7 @@ def _grouped_fwd_tma_kernel(
         b = w_desc.load([w_row, k0])
         acc = tl.dot(a, b.T, acc, input_precision=PREC)
     _fwd_epilogue(
-        acc, b_ptr, y_ptr, pre_ptr, rows, slot, rmask, cols, cmask, e_safe, N, HAS_BIAS, ACT, SCATTER, STORE_PRE
+        acc, b_ptr, y_ptr, pre_ptr, rows, slot, rmask, cols, cmask, e_safe, live, N, HAS_BIAS, ACT, SCATTER, STORE_PRE
     )
 
 
@@ -386,6 +402,7 @@ def _grouped_dx_kernel(
     rw_ptr,
     ys_ptr,
     grw_ptr,
+    M,
     N,
     K,
     E,
@@ -402,15 +419,15 @@ def _grouped_dx_kernel(
 ):
     """dx[rows, ks] = sum_n g[rows, n] * w[e, n, ks] (w[e] is [N, K]): an output tile of BM rows
     by BN columns of K, reduction steps of BK over N."""
-    pid_m, pid_n = _tile_of(tl.program_id(0), offsets_ptr, E, K, BM, BN, GROUP_M)
-    e_sel, _, rows, rmask, slot, _, ks, kmask, e_safe = _row_tile(
-        offsets_ptr, idx_ptr, E, K, top_k, pid_m, pid_n, GATHER_G, SCATTER, BM, BN
+    pid_m, pid_n = _tile_of(tl.program_id(0), M, E, K, BM, BN, GROUP_M)
+    e_sel, _, rows, rmask, slot, _, ks, kmask, e_safe, live = _row_tile(
+        offsets_ptr, idx_ptr, E, M, K, top_k, pid_m, pid_n, GATHER_G, SCATTER, BM, BN
     )
     w_base = w_ptr + e_safe * N * K
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     gw = tl.zeros([BM], dtype=tl.float32)
     first = pid_n == 0
-    n_end = tl.where(e_sel >= 0, N, 0)
+    n_end = tl.where(live, N, 0)
     for n0 in range(0, n_end, BK):
         ns = n0 + tl.arange(0, BK)
         nmask = ns < N
@@ -439,6 +456,7 @@ def _grouped_dw_kernel(
     offsets_ptr,
     idx_ptr,
     rw_ptr,
+    M,
     N,
     K,
     E,
@@ -461,8 +479,9 @@ def _grouped_dw_kernel(
     pid = tl.program_id(0)
     e = pid // (num_n * num_k)
     pid_n, pid_k = _grouped_order(pid % (num_n * num_k), num_n, num_k, GROUP_M)
-    start = tl.load(offsets_ptr + e)
-    end = tl.load(offsets_ptr + e + 1)
+    # Clamped as _find_tile clamps them (rows offsets[E]:M, dropped, reach no expert's dW).
+    start = tl.minimum(tl.maximum(tl.load(offsets_ptr + e), 0), M)
+    end = tl.minimum(tl.maximum(tl.load(offsets_ptr + e + 1), start), M)
     ns = pid_n * BN + tl.arange(0, BN)
     nmask = ns < N
     ks = pid_k * BK + tl.arange(0, BK)
@@ -476,6 +495,7 @@ def _grouped_dw_kernel(
         slot = rows
         if GATHER_X or GATHER_G:
             slot = tl.load(idx_ptr + rows, mask=rmask, other=0)
+            slot = tl.minimum(tl.maximum(slot, 0), M - 1)
         g = _load_grad(g_ptr, rw_ptr, rows, slot, rmask, ns, nmask, N, top_k, GATHER_G)
         xrow = rows
         if GATHER_X:
@@ -556,6 +576,7 @@ def forward(
         pre if store_pre else y,
         offsets,
         idx,
+        m,
         n,
         k,
         e,
@@ -569,9 +590,9 @@ def forward(
         dot_precision(a.dtype),
         GROUP,
     )
-    # one-dimensional, grouped order (_tile_of): row tiles (an upper bound: cdiv(m, BM) + E) by
-    # column tiles
-    grid = lambda meta: ((triton.cdiv(m, meta["BM"]) + e) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
+    # one-dimensional, grouped order (_tile_of): row tiles (an upper bound: cdiv(m, BM) + E + 1,
+    # the experts' tiles and the dropped rows') by column tiles
+    grid = lambda meta: ((triton.cdiv(m, meta["BM"]) + e + 1) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     if _tma_usable(a, weight):
         # block shapes: the launch's explicit config, else placeholders the autotune pre-hook sets
         bs = explicit_meta(_FIXED) or _FIXED
@@ -637,6 +658,7 @@ def backward(
             rw,
             y_slot.contiguous() if gw_on else grad,
             grw if gw_on else grad,
+            m,
             n,
             k,
             e,
@@ -648,7 +670,8 @@ def backward(
             prec,
             GROUP,
         )
-        launch(_dx, lambda meta: ((triton.cdiv(m, meta["BM"]) + e) * triton.cdiv(k, meta["BN"]),), dx_args, _FIXED)
+        dx_grid = lambda meta: ((triton.cdiv(m, meta["BM"]) + e + 1) * triton.cdiv(k, meta["BN"]),)  # noqa: E731
+        launch(_dx, dx_grid, dx_args, _FIXED)
     dw_args = (
         grad,
         x,
@@ -657,6 +680,7 @@ def backward(
         offsets,
         idx,
         rw,
+        m,
         n,
         k,
         e,

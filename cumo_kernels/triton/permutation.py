@@ -6,7 +6,12 @@ Sort order in two launches: `_hist_kernel` counts each block's slots per expert;
 `_sort_scatter_kernel` every block reads all blocks' counts (a few dozen rows of E ints), takes
 the exclusive prefix over experts (the offsets) and over earlier blocks, ranks its slots within
 the block by a cumulative sum, and writes sort_idx[position] = slot. Positions are a permutation,
-so the writes never collide.
+so the writes never collide. An id outside 0..E-1 (>= E: a dropped slot; negative: refused by the
+public op where it validates) counts as expert E, so dropped slots follow every expert's rows in
+slot order and offsets[E] counts the routed ones.
+
+Indices read from memory (sort_idx, its inverse) are clamped into range before they address
+anything: wrong indices give wrong rows, never an access out of bounds.
 """
 
 from __future__ import annotations
@@ -23,10 +28,18 @@ BLOCK_C = 32 if INTERPRET else 128
 
 
 @triton.jit
-def _hist_kernel(ids_ptr, hist_ptr, S, BS: tl.constexpr, BE: tl.constexpr):
+def _expert_keys(ids_ptr, s, S, E):
+    """The slots' sort keys: the expert id, E for an id outside 0..E-1 (dropped), -1 past S."""
+    ids = tl.load(ids_ptr + s, mask=s < S, other=-1)
+    keys = tl.where((ids >= 0) & (ids < E), ids, E)
+    return tl.where(s < S, keys, -1)
+
+
+@triton.jit
+def _hist_kernel(ids_ptr, hist_ptr, S, E, BS: tl.constexpr, BE: tl.constexpr):
     pid = tl.program_id(0)
     s = pid * BS + tl.arange(0, BS)
-    ids = tl.load(ids_ptr + s, mask=s < S, other=-1)
+    ids = _expert_keys(ids_ptr, s, S, E)
     cols = tl.arange(0, BE)
     cnt = tl.sum((ids[:, None] == cols[None, :]).to(tl.int32), axis=0)
     tl.store(hist_ptr + pid * BE + cols, cnt)
@@ -46,7 +59,7 @@ def _sort_scatter_kernel(ids_ptr, hist_ptr, sort_ptr, offsets_ptr, S, E, NBLK, B
     base = incl - total + before
     s = pid * BS + tl.arange(0, BS)
     smask = s < S
-    ids = tl.load(ids_ptr + s, mask=smask, other=-1)
+    ids = _expert_keys(ids_ptr, s, S, E)
     oh = (ids[:, None] == cols[None, :]).to(tl.int32)
     rank = tl.cumsum(oh, axis=0) - oh
     pos = tl.sum(oh * (base[None, :] + rank), axis=1)
@@ -61,7 +74,7 @@ def _gather_rows_kernel(src_ptr, idx_ptr, dst_ptr, M, H, top_k, BR: tl.constexpr
     """dst[i] = src[idx[i] // top_k]."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     rmask = rows < M
-    src_rows = tl.load(idx_ptr + rows, mask=rmask, other=0) // top_k
+    src_rows = tl.minimum(tl.maximum(tl.load(idx_ptr + rows, mask=rmask, other=0), 0), M - 1) // top_k
     for c0 in range(0, H, BC):
         cs = c0 + tl.arange(0, BC)
         m = rmask[:, None] & (cs < H)[None, :]
@@ -71,11 +84,11 @@ def _gather_rows_kernel(src_ptr, idx_ptr, dst_ptr, M, H, top_k, BR: tl.constexpr
 
 @triton.jit
 def _invert_kernel(idx_ptr, inv_ptr, M, BR: tl.constexpr):
-    """inv[idx[i]] = i."""
+    """inv[idx[i]] = i (entries idx[i] outside [0, M) are skipped)."""
     i = tl.program_id(0) * BR + tl.arange(0, BR)
     m = i < M
     s = tl.load(idx_ptr + i, mask=m, other=0)
-    tl.store(inv_ptr + s, i.to(tl.int64), mask=m)
+    tl.store(inv_ptr + s, i.to(tl.int64), mask=m & (s >= 0) & (s < M))
 
 
 @triton.jit
@@ -104,6 +117,7 @@ def _slot_sum_kernel(
         row = slot
         if INDIRECT:
             row = tl.load(inv_ptr + slot, mask=tmask, other=0)
+            row = tl.minimum(tl.maximum(row, 0), T * top_k - 1)
         v = tl.load(src_ptr + row[:, None] * H + cs[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_W:
             v = v * tl.load(w_ptr + slot, mask=tmask, other=0.0).to(tl.float32)[:, None]
@@ -119,7 +133,7 @@ def _unpermute_bwd_kernel(
     grad_w[s] = <y_sorted[i], g[s // k]>; no inverse permutation needed."""
     rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     rmask = rows < M
-    slot = tl.load(idx_ptr + rows, mask=rmask, other=0)
+    slot = tl.minimum(tl.maximum(tl.load(idx_ptr + rows, mask=rmask, other=0), 0), M - 1)
     tok = slot // top_k
     w = tl.load(w_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
     dot = tl.zeros([BR], dtype=tl.float32)
@@ -138,7 +152,8 @@ def _unpermute_bwd_kernel(
 
 @on_tensor_device
 def sort_experts(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sort_idx [T*k] int64, offsets [E+1] int64), stable, on the device: two launches."""
+    """(sort_idx [T*k] int64, offsets [E+1] int64), stable, on the device: two launches. Ids
+    outside 0..E-1 are dropped slots: last in sort_idx, not counted in offsets."""
     flat = expert_ids.contiguous().view(-1)
     s = flat.numel()
     dev = flat.device
@@ -146,10 +161,10 @@ def sort_experts(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tens
     offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=dev)
     if s == 0:
         return sort_idx, offsets.zero_()
-    be = pow2(num_experts, 2)
+    be = pow2(num_experts + 1, 2)  # one column more: the dropped slots'
     nblk = triton.cdiv(s, BLOCK_S)
     hist = torch.empty(nblk, be, dtype=torch.int32, device=dev)
-    _hist_kernel[(nblk,)](flat, hist, s, BS=BLOCK_S, BE=be)
+    _hist_kernel[(nblk,)](flat, hist, s, num_experts, BS=BLOCK_S, BE=be)
     _sort_scatter_kernel[(nblk,)](flat, hist, sort_idx, offsets, s, num_experts, nblk, BS=BLOCK_S, BE=be)
     return sort_idx, offsets
 
