@@ -65,9 +65,11 @@ def _is_stack(t: Any, dim: int, num_experts: int) -> bool:
 def stack(sd: dict[str, Any], prefix: str, names: tuple[str, str], num_experts: int, errors: list[str] | None) -> None:
     """In place: replace CuMo's per-expert entries under `prefix` by the stacked ones.
 
-    A stacked entry is built only when every expert's slice is there; otherwise the per-expert
-    entries stay (and a strict load reports them as unexpected, the stacked name as missing), and
-    `errors` (if given) says which experts are missing.
+    A stacked entry is built only when every expert's slice is there, each a tensor of one shape;
+    otherwise `errors` (if given) names the keys at fault (missing experts, a value that is not a
+    tensor, a slice whose shape differs from expert 0's) and the per-expert entries are consumed,
+    so that a strict load reports the stacked name as missing and this error, not the slices as
+    unexpected as well. Without `errors` they stay.
     """
     import torch
 
@@ -77,11 +79,23 @@ def stack(sd: dict[str, Any], prefix: str, names: tuple[str, str], num_experts: 
     for s in STACKED:
         keys = [prefix + expert_key(names, e, s) for e in range(num_experts)]
         present = [k in sd for k in keys]
-        if all(present):
+        if not any(present):
+            continue
+        why = None
+        if not all(present):
+            why = f"are incomplete: missing {[k for k, p in zip(keys, present) if not p]}"
+        elif any(not isinstance(sd[k], torch.Tensor) for k in keys):
+            bad = {k: type(sd[k]).__name__ for k in keys if not isinstance(sd[k], torch.Tensor)}
+            why = f"cannot be stacked: values that are not tensors: {bad}"
+        elif any(sd[k].shape != sd[keys[0]].shape for k in keys):
+            bad = {k: list(sd[k].shape) for k in keys if sd[k].shape != sd[keys[0]].shape}
+            why = f"cannot be stacked: shapes differ from {keys[0]!r}'s {list(sd[keys[0]].shape)}: {bad}"
+        if why is None:
             sd[prefix + s] = torch.stack([sd.pop(k) for k in keys])
-        elif any(present) and errors is not None:
-            missing = [k for k, p in zip(keys, present) if not p]
-            errors.append(f"CuMo expert weights for {prefix + s!r} are incomplete: missing {missing}")
+        elif errors is not None:
+            errors.append(f"CuMo expert weights for {prefix + s!r} {why}")
+            for k in keys:
+                sd.pop(k, None)
     extra = sorted(
         k for k in sd if pattern.match(k) and int(k[len(prefix) :].split(".")[1]) >= num_experts
     )  # experts beyond E

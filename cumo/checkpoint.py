@@ -30,6 +30,7 @@ they do not know (the LLM's, a dense connector's `mm_projector.0.weight`, ...) p
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -39,6 +40,13 @@ from . import _keys
 _TOWER_PARTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
 _CLIP_NAMES = ("fc1", "fc2")
 _CONNECTOR_NAMES = ("0", "2")
+
+
+def _check_state_dict(fn: str, state_dict: object) -> None:
+    if not isinstance(state_dict, Mapping):
+        hint = "; pass module.state_dict()" if isinstance(state_dict, torch.nn.Module) else ""
+        got = type(state_dict).__name__
+        raise TypeError(f"{fn}: state_dict: expected a mapping of keys to tensors, got {got}{hint}")
 
 
 def _tower_prefixes(sd: dict[str, Tensor]) -> set[str]:
@@ -102,6 +110,7 @@ def to_cumo(state_dict: dict[str, Tensor], *, keep_post_layernorm: bool = False)
     `vision_model.` unless they are there already). Stacked MoE names are unstacked. A tower's
     `post_layernorm.*` is dropped (CuMo's towers have none) unless `keep_post_layernorm`.
     """
+    _check_state_dict("to_cumo", state_dict)
     sd = dict(state_dict)
     _unstack_all(sd)
     for t in _tower_prefixes(sd):
@@ -132,6 +141,7 @@ def from_cumo(
     - `stacked=True` gives the stacked parameter names (`...mlp.w1`, `mm_projector.w1`) instead of
       CuMo's per-expert keys (both load into a converted model).
     """
+    _check_state_dict("from_cumo", state_dict)
     sd = dict(state_dict)
     pattern = re.compile(r"^(.*)vision_model\.(" + "|".join(p[:-1] for p in _TOWER_PARTS) + r")\.")
     towers = set()

@@ -21,6 +21,15 @@ def aux_loss(
 
         loss = lm_loss + cumo.aux_loss(collect_aux_losses(tower), (conn_balance, conn_z))
     """
+    for i, p in enumerate(places):
+        if p is not None and not (
+            isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(t, Tensor) for t in p)
+        ):
+            got = type(p).__name__ + (f" of {len(p)}" if isinstance(p, (tuple, list)) else "")
+            raise TypeError(
+                f"aux_loss: place {i}: expected a (balance, z) pair of tensors or None, got {got}; "
+                "call aux_loss((balance, z), ...) with one pair per MoE place"
+            )
     pairs = [p for p in places if p is not None]
     if not pairs:
         raise ValueError("aux_loss: no (balance, z) pair given")

@@ -440,3 +440,103 @@ def test_expert_parallel_sentinels_through_the_ops(backend, device, top_k):
     assert_close_rel(out, ref, F32, "out")
     for name, a, r in zip(leaves, grads, rgrads):
         assert_close_rel(a, torch.zeros_like(a).double() if r is None else r, F32, f"grad {name}")
+
+
+# -------------------------------------------------------------------------- family 4: messages
+
+
+def test_wrong_input_width_blames_x():
+    """MoEMLP given x of the wrong width said "gate_weight: expected shape [4, 7]"."""
+    layer = MoEMLP(6, 10, 5, num_experts=4, top_k=2)
+    with pytest.raises(ValueError, match=r"^x: expected \[\.\.\., 6\].*got \[3, 7\]"):
+        layer(torch.randn(3, 7))
+    inp = _layer_inputs()
+    inp["x"] = torch.randn(3, 5, 9)
+    with pytest.raises(ValueError, match=r"^x: expected \[\.\.\., 6\]"):
+        cumo_kernels.moe_mlp(**inp, top_k=2)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "nested"])
+def test_sparse_and_nested_inputs_are_named(kind):
+    x = torch.randn(4, 6)
+    if kind == "sparse":
+        bad = x.to_sparse()
+    else:
+        bad = torch.nested.nested_tensor([torch.randn(2, 6), torch.randn(3, 6)], layout=torch.jagged)
+    inp = _layer_inputs(shape=(4,))
+    with pytest.raises(TypeError, match=rf"^x: expected a strided \(dense\) tensor, got a {kind}"):
+        cumo_kernels.moe_mlp(**{**inp, "x": bad}, top_k=2)
+    with pytest.raises(TypeError, match="^x: expected a strided"):
+        MoEMLP(6, 10, 5, num_experts=4, top_k=2)(bad)
+    if kind == "sparse":
+        with pytest.raises(TypeError, match="^w1: expected a strided"):
+            cumo_kernels.moe_mlp(**{**inp, "w1": inp["w1"].to_sparse()}, top_k=2)
+        with pytest.raises(TypeError, match="^offsets: expected a strided"):
+            cumo_kernels.grouped_linear(x, torch.randn(2, 5, 6), None, torch.tensor([0, 2, 4]).to_sparse())
+
+
+def test_aux_losses_of_zero_samples_are_zero():
+    """aux_losses with B = 0 returned NaN (a mean over nothing); now 0, as moe_mlp's empty input."""
+    ps = torch.zeros(0, 4, requires_grad=True)
+    zs = torch.zeros(0, requires_grad=True)
+    bal, z = cumo_kernels.aux_losses(ps, torch.zeros(0, 4), zs, 3)
+    assert bal.item() == 0.0 and z.item() == 0.0
+    (bal + z).backward()
+    assert ps.grad.shape == (0, 4) and zs.grad.shape == (0,)
+
+
+def _cumo_connector_dict():
+    import cumo
+    from cumo.checkpoint import to_cumo
+
+    return cumo, to_cumo(cumo.MLPMoE(4, 2, 6, 5).state_dict())
+
+
+@pytest.mark.parametrize("case", ["wrong_shape", "missing_expert", "not_a_tensor"])
+def test_checkpoint_errors_name_the_keys(case):
+    """A CuMo checkpoint with one expert of the wrong shape or a non-tensor value failed in
+    torch.stack naming no key; a missing expert listed the other experts' keys as unexpected and
+    the stacked name as missing. Now one error names the keys at fault (and no key twice)."""
+    cumo, sd = _cumo_connector_dict()
+    from cumo.checkpoint import from_cumo
+
+    key = "experts.1.0.weight"
+    if case == "wrong_shape":
+        sd[key] = torch.randn(5, 7)
+        want = r"'w1' cannot be stacked: shapes differ .*'experts\.1\.0\.weight': \[5, 7\]"
+    elif case == "missing_expert":
+        del sd[key]
+        want = r"'w1' are incomplete: missing \['experts\.1\.0\.weight'\]"
+    else:
+        sd[key] = sd[key].tolist()
+        want = r"'w1' cannot be stacked: values that are not tensors: \{'experts\.1\.0\.weight': 'list'\}"
+    with pytest.raises(RuntimeError, match=want) as info:
+        cumo.MLPMoE(4, 2, 6, 5).load_state_dict(sd)
+    assert "Unexpected key" not in str(info.value)
+    with pytest.raises(ValueError, match=want):
+        from_cumo(sd, stacked=True)
+
+
+def test_checkpoint_functions_name_a_wrong_argument():
+    cumo, _ = _cumo_connector_dict()
+    from cumo.checkpoint import from_cumo, to_cumo
+
+    module = cumo.MLPMoE(4, 2, 6, 5)
+    for fn in (from_cumo, to_cumo):
+        with pytest.raises(TypeError, match=rf"{fn.__name__}: state_dict: .* got MLPMoE; pass module\.state_dict\(\)"):
+            fn(module)
+        with pytest.raises(TypeError, match=rf"{fn.__name__}: state_dict: .* got list"):
+            fn([("w1", torch.zeros(1))])
+
+
+def test_aux_loss_names_a_wrong_argument():
+    import cumo
+
+    b, z = torch.tensor(0.5), torch.tensor(2.0)
+    assert torch.allclose(cumo.aux_loss((b, z), None), torch.tensor(0.07))
+    with pytest.raises(TypeError, match=r"place 0: expected a \(balance, z\) pair of tensors or None, got Tensor"):
+        cumo.aux_loss(b, z)  # the pair unpacked: a common slip
+    with pytest.raises(TypeError, match=r"place 1: .* got tuple of 1"):
+        cumo.aux_loss((b, z), (b,))
+    with pytest.raises(TypeError, match=r"place 0: .* got tuple of 2"):
+        cumo.aux_loss((0.5, 2.0))

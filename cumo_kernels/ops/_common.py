@@ -8,9 +8,22 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def check_strided(name: str, t: torch.Tensor) -> None:
+    """The ops take dense (strided) tensors: a sparse or nested one failed deep inside torch."""
+    if t.is_nested:
+        raise TypeError(
+            f"{name}: expected a strided (dense) tensor, got a nested one; pass its tokens as one [T, in] tensor "
+            "(.values() of a jagged one: routing is per token; the balance statistics then cover them as one sample)"
+        )
+    if t.layout != torch.strided:
+        layout = str(t.layout).removeprefix("torch.")
+        raise TypeError(f"{name}: expected a strided (dense) tensor, got a {layout} one; convert it with .to_dense()")
+
+
 def check_float(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    check_strided(name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name}: expected a floating-point tensor (float32, float16, bfloat16, float64), got {t.dtype}"
@@ -28,6 +41,8 @@ def check_shape(name: str, t: torch.Tensor, expected: tuple, meaning: str) -> No
 
 
 def check_index(name: str, t: torch.Tensor, dims: int) -> None:
+    if isinstance(t, torch.Tensor):
+        check_strided(name, t)
     if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != dims:
         got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise TypeError(f"{name}: expected a {dims}-D int64 tensor, got {got}")

@@ -131,6 +131,17 @@ def moe_mlp(
     if gate_weight.dim() != 2:
         raise ValueError(f"gate_weight: expected shape [E, in], got {list(gate_weight.shape)}")
     e = gate_weight.shape[0]
+    if (
+        gate_weight.shape[1] != d_in
+        and isinstance(w1, Tensor)
+        and w1.dim() == 3
+        and w1.shape[2] == gate_weight.shape[1]
+    ):
+        # The weights agree on their input width and x does not: x is the one at fault (MoEMLP's
+        # input of the wrong width used to blame gate_weight).
+        raise ValueError(
+            f"x: expected [..., {gate_weight.shape[1]}] (in = the width gate_weight and w1 take), got {list(x.shape)}"
+        )
     check_shape("gate_weight", gate_weight, (e, d_in), f"E, in with in = x.shape[-1] = {d_in}")
     check_float("w1", w1, x.dtype)
     check_shape("w1", w1, (e, None, d_in), f"E={e} experts, hidden, in={d_in}")

@@ -125,9 +125,9 @@ def _aux_bwd(ctx, g_balance, g_z):
     n, b, e = float(ctx.n), ctx.b, ctx.e
     gp = gz = None
     if g_balance is not None:
-        gp = (g_balance * first_counts * (e * e / (b * e * n * n))).to(ctx.prob_dtype)
+        gp = (g_balance * first_counts * (e * e / (max(b * e, 1) * n * n))).to(ctx.prob_dtype)
     if g_z is not None:
-        gz = (g_z / (b * n)).expand(b).to(ctx.z_dtype).contiguous()
+        gz = (g_z / (max(b, 1) * n)).expand(b).to(ctx.z_dtype).contiguous()
     return gp, None, gz, None
 
 

@@ -105,11 +105,13 @@ def aux_losses(
 
     prob_sums [B, E], first_counts [B, E], z_sums [B] (float32); N = tokens_per_sample.
     Returns (balance, z), float32 scalars (float64 for float64 statistics):
-    balance = mean_{b,e}((prob_sums / N) * (first_counts / N)) * E^2, z = sum(z_sums) / (B * N).
+    balance = mean_{b,e}((prob_sums / N) * (first_counts / N)) * E^2, z = sum(z_sums) / (B * N);
+    both 0 for B = 0 (no samples: as moe_mlp's losses of an empty input, not a mean over nothing).
     """
     B, E = prob_sums.shape
     n = float(tokens_per_sample)
     acc = stats_dtype(prob_sums.dtype)
-    balance = ((prob_sums.to(acc) / n) * (first_counts.to(acc) / n)).mean() * (E * E)
-    z = z_sums.to(acc).sum() / (B * n)
+    count = max(B * E, 1)
+    balance = ((prob_sums.to(acc) / n) * (first_counts.to(acc) / n)).sum() / count * (E * E)
+    z = z_sums.to(acc).sum() / (max(B, 1) * n)
     return balance, z
