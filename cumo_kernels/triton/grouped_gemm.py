@@ -426,7 +426,9 @@ def _grouped_dx_kernel(
     w_base = w_ptr + e_safe * N * K
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     gw = tl.zeros([BM], dtype=tl.float32)
-    first = pid_n == 0
+    # a [BM] tensor, not the scalar pid_n == 0: Triton 3.9's interpreter refuses a load/store mask
+    # combined with a scalar comparison (which it splats to int32 data; its masks must be bool)
+    first = tl.full([BM], pid_n, tl.int32) == 0
     n_end = tl.where(live, N, 0)
     for n0 in range(0, n_end, BK):
         ns = n0 + tl.arange(0, BK)
@@ -435,7 +437,7 @@ def _grouped_dx_kernel(
         wt = tl.load(w_base + ns[:, None] * K + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
         acc = tl.dot(g, wt, acc, input_precision=PREC)
         if GW:
-            m = rmask[:, None] & nmask[None, :] & first
+            m = rmask[:, None] & nmask[None, :] & first[:, None]
             go = tl.load(g_ptr + (slot // top_k)[:, None] * N + ns[None, :], mask=m, other=0.0).to(tl.float32)
             ys = tl.load(ys_ptr + slot[:, None] * N + ns[None, :], mask=m, other=0.0).to(tl.float32)
             gw += tl.sum(ys * go, axis=1)
@@ -507,7 +509,8 @@ def _grouped_dw_kernel(
     w_off = e.to(tl.int64) * N * K + ns[:, None] * K + ks[None, :]
     tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
     if HAS_BIAS:
-        tl.store(db_ptr + e * N + ns, db.to(db_ptr.dtype.element_ty), mask=nmask & (pid_k == 0))
+        if pid_k == 0:  # a branch, not a mask `& (pid_k == 0)` (see the dX kernel's `first`)
+            tl.store(db_ptr + e * N + ns, db.to(db_ptr.dtype.element_ty), mask=nmask)
 
 
 _fwd = autotuned(_grouped_fwd_kernel, _configs(), _FWD_KEY, smem_fwd)

@@ -64,9 +64,11 @@ def _sort_scatter_kernel(ids_ptr, hist_ptr, sort_ptr, offsets_ptr, S, E, NBLK, B
     rank = tl.cumsum(oh, axis=0) - oh
     pos = tl.sum(oh * (base[None, :] + rank), axis=1)
     tl.store(sort_ptr + pos, s.to(tl.int64), mask=smask)
-    first = pid == 0
-    tl.store(offsets_ptr + 1 + cols, incl.to(tl.int64), mask=(cols < E) & first)
-    tl.store(offsets_ptr + cols, tl.zeros([BE], dtype=tl.int64), mask=(cols == 0) & first)
+    # Block 0 writes the offsets. A branch, not a mask `& (pid == 0)`: Triton 3.9's interpreter
+    # refuses that mask (the scalar comparison splats to int32 data, and its store takes only bool).
+    if pid == 0:
+        tl.store(offsets_ptr + 1 + cols, incl.to(tl.int64), mask=cols < E)
+        tl.store(offsets_ptr + cols, tl.zeros([BE], dtype=tl.int64), mask=cols == 0)
 
 
 @triton.jit
