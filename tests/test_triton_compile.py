@@ -133,12 +133,13 @@ _GEMM = [
     ("dW", "_grouped_dw_kernel", dict(HAS_BIAS=True, GATHER_X=False, GATHER_G=True)),
     ("dW", "_grouped_dw_kernel", dict(HAS_BIAS=False, GATHER_X=False, GATHER_G=False)),
 ]
-# (dtype, dot precision, aligned): fp32 with ieee and tf32 dots (allow_tf32), fp16, bf16; fp32
-# also unaligned (a few of its kernels take a little more memory so).
+# (dtype, dot precision, aligned): fp32 with ieee and tf32 dots (TF32 allowed), bf16; fp32 also
+# unaligned (a few of its kernels take a little more memory so). No fp16: it compiled to exactly
+# bf16's shared memory for every variant and config, on triton 3.6 and 3.9 alike (same element
+# size and MMA shapes), and CI runs this test on both.
 _DOTS = [
     ("fp32", "ieee", True),
     ("fp32", "tf32", True),
-    ("fp16", "ieee", True),
     ("bf16", "ieee", True),
     ("fp32", "ieee", False),
     ("fp32", "tf32", False),
