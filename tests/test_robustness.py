@@ -232,6 +232,62 @@ def test_empty_batch_gives_every_parameter_a_zero_gradient(backend, device, lead
     assert x.grad is not None and x.grad.shape == x.shape
 
 
+def _ddp_worker(rank: int, port: int, queue) -> None:
+    """One DDP rank: rank 1 gets an empty batch; two steps; puts (rank, grads) or (rank, error)."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+        torch.manual_seed(0)
+        layer = MoEMLP(6, 10, 5, num_experts=4, top_k=2, backend="torch")
+        ddp = torch.nn.parallel.DistributedDataParallel(layer)
+        for step in range(2):
+            layer.zero_grad(set_to_none=True)
+            x = torch.randn(0 if rank == 1 else 5, 6, generator=seeded(step))
+            y, bal, z = ddp(x)
+            (y.square().sum() + bal + z).backward()
+        # as lists: a tensor put on the queue shares its storage, gone once this process exits
+        queue.put((rank, {n: p.grad.tolist() for n, p in layer.named_parameters()}))
+        dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        queue.put((rank, f"{type(exc).__name__}: {exc}"))
+
+
+def test_ddp_with_an_empty_batch_on_one_rank():
+    """The framework failure itself: under DDP a rank whose batch is empty left the experts' .grad
+    None, so its peers waited for a reduction that never came (or crashed). Both ranks now finish
+    two steps with the same averaged gradients."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in range(2):
+            rank, out = queue.get(timeout=120)
+            results[rank] = out
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    assert all(isinstance(v, dict) for v in results.values()), f"a rank failed: {results}"
+    for n in results[0]:
+        assert results[0][n] == results[1][n], f"grad {n} differs between ranks"
+
+
 def test_empty_batch_losses_are_zero_even_with_inf_weights():
     inp = _layer_inputs(shape=(0,))
     inp["w1"] = inp["w1"].clone()

@@ -98,7 +98,8 @@ def _linear_pre(x, weight, bias, offsets, strategy):
     if strategy == "per_expert":
         pre = x.new_empty(m, n)
         bounds = host_bounds(offsets, m)
-        pre[bounds[-1] :].zero_()  # dropped rows
+        if bounds[-1] < m:  # dropped rows (host-known: no call when there are none)
+            pre[bounds[-1] :].zero_()
         for e in range(num_experts):
             s, t = bounds[e], bounds[e + 1]
             if s == t:
@@ -208,8 +209,9 @@ def _per_expert_act(x, weight, bias, offsets, activation):
     pre = x.new_empty(m, n)
     y = x.new_empty(m, n)
     bounds = host_bounds(offsets, m)
-    pre[bounds[-1] :].zero_()  # dropped rows (act(0) = 0 for every activation)
-    y[bounds[-1] :].zero_()
+    if bounds[-1] < m:  # dropped rows (act(0) = 0 for every activation)
+        pre[bounds[-1] :].zero_()
+        y[bounds[-1] :].zero_()
     for e, r0, r1 in _row_blocks(bounds, num_experts, _row_block(n, x.dtype)):
         _linear_into(x[r0:r1], weight[e], None if bias is None else bias[e], pre[r0:r1])
         y[r0:r1] = _activations.apply(pre[r0:r1], activation)
@@ -251,7 +253,8 @@ def grouped_linear_backward(
         # Allocated empty and written expert by expert: zero-filling a gradient as large as the
         # weights costs as much as a quarter of the backward's GEMM time on the CPU.
         grad_x = x.new_empty(x.shape)
-        grad_x[bounds[-1] :].zero_()  # dropped rows
+        if bounds[-1] < m:  # dropped rows
+            grad_x[bounds[-1] :].zero_()
         grad_w = torch.empty_like(weight)
         grad_b = weight.new_empty(weight.shape[:2]) if has_bias else None
         for e in range(num_experts):
@@ -303,7 +306,8 @@ def expert_mlp(
         return grouped_linear(h, w2, b2, offsets, "none")[0]
     y = x.new_empty(x.shape[0], w2.shape[1])
     bounds = host_bounds(offsets, x.shape[0])
-    y[bounds[-1] :].zero_()  # dropped rows
+    if bounds[-1] < x.shape[0]:  # dropped rows
+        y[bounds[-1] :].zero_()
     for e, r0, r1 in _row_blocks(bounds, w1.shape[0], _row_block(w1.shape[1], x.dtype)):
         h = F.linear(x[r0:r1], w1[e], None if b1 is None else b1[e])
         h = _activations.apply(h, activation)
