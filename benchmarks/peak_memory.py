@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import os
 import sys
 import time
@@ -110,10 +111,10 @@ def cpu_stand_in(scale: int, torch_gemm: str) -> Iterator[None]:
     import triton
     from triton.runtime import interpreter
 
-    from cumo_kernels.reference import gemm
+    gl = importlib.import_module("cumo_kernels.reference.grouped_linear")  # the module: the package's name is the op
     from cumo_kernels.triton._common import forced_config
 
-    caps = {"_BLOCK_BYTES": gemm._BLOCK_BYTES, "_CHUNK_ELEMS": gemm._CHUNK_ELEMS}
+    caps = {"_BLOCK_BYTES": gl._BLOCK_BYTES, "_CHUNK_ELEMS": gl._CHUNK_ELEMS}
     launch = interpreter.GridExecutor.__call__
 
     def launch_then_collect(self, *args, **kwargs):
@@ -124,7 +125,7 @@ def cpu_stand_in(scale: int, torch_gemm: str) -> Iterator[None]:
     old_env = os.environ.get("CUMO_KERNELS_TORCH_GEMM")
     try:
         for name, value in caps.items():
-            setattr(gemm, name, max(1, value // scale**2))
+            setattr(gl, name, max(1, value // scale**2))
         os.environ["CUMO_KERNELS_TORCH_GEMM"] = torch_gemm
         interpreter.GridExecutor.__call__ = launch_then_collect
         with forced_config(triton.Config(TRITON_TILE, num_warps=4, num_stages=1)):
@@ -132,7 +133,7 @@ def cpu_stand_in(scale: int, torch_gemm: str) -> Iterator[None]:
     finally:
         interpreter.GridExecutor.__call__ = launch
         for name, value in caps.items():
-            setattr(gemm, name, value)
+            setattr(gl, name, value)
         if old_env is None:
             os.environ.pop("CUMO_KERNELS_TORCH_GEMM", None)
         else:
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if "cumo-triton" in args.providers.split(","):
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors only here
 
-    from cumo_kernels.reference.gemm import STRATEGIES
+    from cumo_kernels.reference.grouped_linear import STRATEGIES
 
     from .providers import _cumo_provider, _grads_of
     from .saved_bytes import shapes_and_providers, training_inputs

@@ -94,7 +94,7 @@ def _panel_bytes(programs: list, a_key, b_key, a_bytes, b_bytes, wave: int) -> f
     return total
 
 
-def _grouped_gemm(
+def _gemm_launch(
     name: str,
     rows_per_expert: list[int],
     n: int,
@@ -124,7 +124,7 @@ def _grouped_gemm(
     return Launch(name, 2.0 * m * n * k, byts, act)
 
 
-def _grouped_dw(
+def _dw_launch(
     name: str, rows_per_expert: list[int], n: int, k: int, bn: int, bk: int, sched: Schedule, wave: int, elt: int,
     g_elems_per_row: float, act_on_load: bool = False,
 ) -> Launch:  # fmt: skip
@@ -156,29 +156,29 @@ def layer_launches(shape: Shape, sched: Schedule, wave: int = 132, elt: int = 2)
     fwd = [
         Launch("route_x (x @ gate, softmax, top-k, statistics)", 2.0 * t * d_in * e, t * d_in * elt + m * 12),
         Launch("sort_experts", 0.0, m * 8 * 3),
-        _grouped_gemm("fc1 forward (x gathered, bias + act, pre stored)", rows, hid, d_in, bm, bn, sched, wave, elt,
+        _gemm_launch("fc1 forward (x gathered, bias + act, pre stored)", rows, hid, d_in, bm, bn, sched, wave, elt,
                       1.0, extra_out=m * hid * elt),
-        _grouped_gemm("fc2 forward (rows scattered to slot order)", rows, d_out, hid, bm, bn, sched, wave, elt, 1.0),
+        _gemm_launch("fc2 forward (rows scattered to slot order)", rows, d_out, hid, bm, bn, sched, wave, elt, 1.0),
         Launch("slot_sum (weighted sum over k)", 0.0, m * d_out * elt + t * d_out * elt + m * elt),
     ]  # fmt: skip
     dbm, dbn = sched.dx_tile
     _, wbn, wbk = sched.dw_tile
     bwd = [
-        _grouped_gemm("fc2 dX (grad_out gathered x weight; d routing weights)", rows, hid, d_out, dbm, dbn, sched,
+        _gemm_launch("fc2 dX (grad_out gathered x weight; d routing weights)", rows, hid, d_out, dbm, dbn, sched,
                       wave, elt, 1.0, extra_out=m * d_out * elt * 2 / max(1, math.ceil(hid / dbn))),
-        _grouped_dw("fc2 dW (grad_out gathered, h)", rows, d_out, hid, wbn, wbk, sched, wave, elt, 1.0),
+        _dw_launch("fc2 dW (grad_out gathered, h)", rows, d_out, hid, wbn, wbk, sched, wave, elt, 1.0),
     ]  # fmt: skip
     if sched.act_once:
         bwd.append(Launch("act' pass (d pre = d h * act'(pre))", 0.0, 3.0 * m * hid * elt, float(m * hid)))
-        bwd.append(_grouped_gemm("fc1 dX (d pre x W1, slot order)", rows, d_in, hid, dbm, dbn, sched, wave, elt, 1.0))
-        bwd.append(_grouped_dw("fc1 dW (d pre, x gathered)", rows, hid, d_in, wbn, wbk, sched, wave, elt, 1.0))
+        bwd.append(_gemm_launch("fc1 dX (d pre x W1, slot order)", rows, d_in, hid, dbm, dbn, sched, wave, elt, 1.0))
+        bwd.append(_dw_launch("fc1 dW (d pre, x gathered)", rows, hid, d_in, wbn, wbk, sched, wave, elt, 1.0))
     else:
         bwd.append(
-            _grouped_gemm(
+            _gemm_launch(
                 "fc1 dX (d h * act'(pre) on load)", rows, d_in, hid, dbm, dbn, sched, wave, elt, 2.0, act_on_load=True
             )
         )
-        bwd.append(_grouped_dw("fc1 dW (d h * act'(pre) on load, x gathered)", rows, hid, d_in, wbn, wbk, sched, wave,
+        bwd.append(_dw_launch("fc1 dW (d h * act'(pre) on load, x gathered)", rows, hid, d_in, wbn, wbk, sched, wave,
                                elt, 2.0, act_on_load=True))  # fmt: skip
     bwd += [
         Launch("slot_sum of d x over k", 0.0, m * d_in * elt + t * d_in * elt),

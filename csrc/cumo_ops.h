@@ -37,7 +37,7 @@ void unpermute_forward(u64 y_sorted, u64 sort_idx, u64 weights, i64 T, int k, i6
 void unpermute_backward(u64 grad_out, u64 y_sorted, u64 sort_idx, u64 weights, i64 T, int k, i64 N, int dtype,
                         u64 grad_y_sorted, u64 grad_weights, u64 workspace, u64 stream, int device);
 
-// grouped_gemm.cu
+// grouped_linear.cu
 // Workspace of one grouped GEMM call (forward or backward), for the SIMT or the CUTLASS path.
 i64 gemm_workspace_bytes(i64 M, i64 K, i64 N, int E, int dtype, bool use_cutlass, int device);
 // cutlass_*.cu: whether a CUTLASS grouped GEMM for compute capability `cc` and `dtype` is built.

@@ -1,4 +1,4 @@
-// The CUTLASS tensor-core paths of the grouped GEMM, as grouped_gemm.cu sees them. Each takes its
+// The CUTLASS tensor-core paths of the grouped GEMM, as grouped_linear.cu sees them. Each takes its
 // problem list from the device (built there from the offsets, experts without rows kept out of
 // CUTLASS), so nothing synchronises with the host. cuda.py chooses them only for float16/bfloat16
 // operands whose rows are 16-byte aligned, on a device whose architecture this build contains.

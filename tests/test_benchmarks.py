@@ -8,6 +8,7 @@ the suite's log parsers never call a refused or unfinished sanitizer run "clean"
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -309,10 +310,11 @@ def test_peak_memory_cli(capsys):
     from triton.runtime import interpreter
 
     from benchmarks import peak_memory
-    from cumo_kernels.reference import gemm
+
+    gl = importlib.import_module("cumo_kernels.reference.grouped_linear")  # the module: the package's name is the op
 
     before = (os.environ.get("TRITON_INTERPRET"), os.environ.get("CUMO_KERNELS_TORCH_GEMM"))
-    caps = (gemm._BLOCK_BYTES, gemm._CHUNK_ELEMS, interpreter.GridExecutor.__call__)
+    caps = (gl._BLOCK_BYTES, gl._CHUNK_ELEMS, interpreter.GridExecutor.__call__)
     args = ["--shapes", "connector-train", "--providers", "cumo-torch,grouped_mm", "--scale", "16"]
     assert peak_memory.main(args) == 0
     out = capsys.readouterr().out
@@ -320,7 +322,7 @@ def test_peak_memory_cli(capsys):
     assert "connector-train  cumo-torch   peak" in out
     # the stand-in settings are undone, and TRITON_INTERPRET is set only when cumo-triton is asked for
     assert (os.environ.get("TRITON_INTERPRET"), os.environ.get("CUMO_KERNELS_TORCH_GEMM")) == before
-    assert (gemm._BLOCK_BYTES, gemm._CHUNK_ELEMS, interpreter.GridExecutor.__call__) == caps
+    assert (gl._BLOCK_BYTES, gl._CHUNK_ELEMS, interpreter.GridExecutor.__call__) == caps
     # the cuda backend's Python side with no-op kernels (where the extension is built), undone after
     from cumo_kernels import cuda
 

@@ -4,6 +4,8 @@ the tie rule; the module."""
 
 from __future__ import annotations
 
+import importlib
+
 import oracle
 import pytest
 import torch
@@ -11,10 +13,12 @@ import torch.nn.functional as F
 from conftest import ACTIVATIONS, DTYPES, LOW, make_moe_inputs, poison, seeded, skip_unsupported
 
 import cumo_kernels
-import cumo_kernels.reference.gemm  # monkeypatched below: loaded whatever ran first
 from cumo_kernels.nn import MoEMLP
 from cumo_kernels.testing import assert_close_rel, near_tie_tokens
 
+# The torch backend's grouped linear module, monkeypatched below (the package's attribute of that
+# name is the op function).
+REF_GROUPED_LINEAR = importlib.import_module("cumo_kernels.reference.grouped_linear")
 F32 = torch.float32
 D_IN, HIDDEN, D_OUT = 13, 19, 11  # not multiples of 4, 8 or 16
 PARAMS = ("x", "gate_weight", "w1", "b1", "w2", "b2")
@@ -36,7 +40,7 @@ def layer_ids(x, gate_weight, top_k, backend):
     reduced-precision reductions round some logits otherwise than the fused kernel's float32
     accumulation, and where rounded logits tie the order differs: the first GPU run.)"""
     from cumo_kernels import dispatch
-    from cumo_kernels.ops.fused import backend_is_fused
+    from cumo_kernels.ops.moe import backend_is_fused
 
     samples = x.shape[0] if x.dim() == 3 else 1
     x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
@@ -178,7 +182,7 @@ def test_moe_mlp_inference_matches_oracle(device, backend, dtype, case, monkeypa
     layers in one blocked op (cumo::expert_mlp). Blocks of a few rows, so that experts span several
     blocks and a block boundary falls inside every expert."""
     skip_unsupported(device, backend, dtype)
-    monkeypatch.setattr(cumo_kernels.reference.gemm, "_BLOCK_BYTES", 5 * HIDDEN * 4)
+    monkeypatch.setattr(REF_GROUPED_LINEAR, "_BLOCK_BYTES", 5 * HIDDEN * 4)
     shape, e, k, bias, kind, act = CASES[case]
     inputs = make_moe_inputs(shape, D_IN, HIDDEN, D_OUT, e, bias=bias, kind=kind, dtype=dtype, device=device, seed=5)
     with torch.no_grad():

@@ -6,10 +6,12 @@ tests force each strategy on CPU tensors through CUMO_KERNELS_TORCH_GEMM.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
-from cumo_kernels.reference import gemm
+gl = importlib.import_module("cumo_kernels.reference.grouped_linear")  # the module: the package's name is the op
 
 # (offsets of a grouped layout) including an expert with no rows and all rows in one expert.
 LAYOUTS = {
@@ -34,7 +36,7 @@ def _float64_grouped(x, w, b, offsets, activation):
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunks_of_5"])
-@pytest.mark.parametrize("strategy", gemm.STRATEGIES)
+@pytest.mark.parametrize("strategy", gl.STRATEGIES)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("activation", ["none", "gelu", "quick_gelu"])
 def test_strategy_matches_float64(monkeypatch, strategy, layout, activation, chunked):
@@ -46,9 +48,9 @@ def test_strategy_matches_float64(monkeypatch, strategy, layout, activation, chu
     m = offsets[-1]
     e, k, n = 4, 8, 12  # 16-byte aligned fp32 rows, which grouped_mm requires
     if chunked:
-        monkeypatch.setattr(gemm, "_CHUNK_ELEMS", 5 * n)
-        monkeypatch.setattr(gemm, "_BLOCK_BYTES", 5 * n * 4)
-        assert gemm._row_block(n, torch.float32) == 5
+        monkeypatch.setattr(gl, "_CHUNK_ELEMS", 5 * n)
+        monkeypatch.setattr(gl, "_BLOCK_BYTES", 5 * n * 4)
+        assert gl._row_block(n, torch.float32) == 5
     x = torch.randn(m, k, requires_grad=True)
     w = torch.randn(e, n, k, requires_grad=True)
     b = torch.randn(e, n, requires_grad=True)
@@ -73,13 +75,13 @@ def test_strategy_matches_float64(monkeypatch, strategy, layout, activation, chu
 def test_strategy_choice_on_cpu(monkeypatch):
     monkeypatch.delenv("CUMO_KERNELS_TORCH_GEMM", raising=False)
     x, w = torch.randn(4, 8), torch.randn(2, 3, 8)
-    assert gemm.gemm_strategy(x, w) == "per_expert"
+    assert gl.gemm_strategy(x, w) == "per_expert"
     monkeypatch.setenv("CUMO_KERNELS_TORCH_GEMM", "nonsense")
     with pytest.raises(ValueError, match="CUMO_KERNELS_TORCH_GEMM"):
-        gemm.gemm_strategy(x, w)
+        gl.gemm_strategy(x, w)
 
 
-@pytest.mark.parametrize("strategy", gemm.STRATEGIES)
+@pytest.mark.parametrize("strategy", gl.STRATEGIES)
 def test_nan_row_stays_in_its_expert(monkeypatch, strategy):
     """A NaN in one row reaches neither other rows nor other experts' gradients."""
     monkeypatch.setenv("CUMO_KERNELS_TORCH_GEMM", strategy)
@@ -113,7 +115,7 @@ def test_activation_gradient_has_no_whole_float32_temporaries(monkeypatch, strat
     torch.manual_seed(0)
     e, m, k, n = 4, 4096, 64, 256
     chunk_rows = 256
-    monkeypatch.setattr(gemm, "_CHUNK_ELEMS", chunk_rows * n)
+    monkeypatch.setattr(gl, "_CHUNK_ELEMS", chunk_rows * n)
     f16 = torch.float16
     x, w, b = torch.randn(m, k, dtype=f16), torch.randn(e, n, k, dtype=f16) / 8, torch.randn(e, n, dtype=f16)
     offsets = torch.tensor([0, 1000, 1000, 3000, m])

@@ -25,9 +25,10 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-gg = importlib.import_module("cumo_kernels.triton.grouped_gemm")
+gg = importlib.import_module("cumo_kernels.triton.grouped_linear")
+tma = importlib.import_module("cumo_kernels.triton.grouped_linear_tma")
 rt = importlib.import_module("cumo_kernels.triton.routing")
-pm = importlib.import_module("cumo_kernels.triton.permutation")
+pm = importlib.import_module("cumo_kernels.triton.permute")
 
 _I64 = {"offsets_ptr", "idx_ptr", "ids_ptr", "sort_ptr", "inv_ptr"}
 _F32 = {"ps_part", "fc_part", "z_part", "ps_ptr", "fc_ptr", "z_ptr", "gp_ptr", "gz_ptr"}
@@ -35,20 +36,26 @@ _T = dict(BM=64, BN=64, BK=32, GROUP_M=8)
 
 # (kernel name, constexprs)
 VARIANTS = [
-    ("_grouped_fwd_kernel", dict(HAS_BIAS=True, ACT=2, GATHER=True, SCATTER=False, STORE_PRE=True, PREC="ieee", **_T)),
-    ("_grouped_fwd_kernel", dict(HAS_BIAS=True, ACT=0, GATHER=False, SCATTER=True, STORE_PRE=False, PREC="ieee", **_T)),
     (
-        "_grouped_fwd_tma_kernel",
+        "_grouped_linear_kernel",
+        dict(HAS_BIAS=True, ACT=2, GATHER=True, SCATTER=False, STORE_PRE=True, PREC="ieee", **_T),
+    ),
+    (
+        "_grouped_linear_kernel",
+        dict(HAS_BIAS=True, ACT=0, GATHER=False, SCATTER=True, STORE_PRE=False, PREC="ieee", **_T),
+    ),
+    (
+        "_grouped_linear_tma_kernel",
         dict(HAS_BIAS=True, ACT=1, GATHER=True, SCATTER=False, STORE_PRE=True, PREC="ieee", **_T),
     ),
     (
-        "_grouped_fwd_tma_kernel",
+        "_grouped_linear_tma_kernel",
         dict(HAS_BIAS=True, ACT=0, GATHER=False, SCATTER=True, STORE_PRE=False, PREC="ieee", **_T),
     ),
-    ("_grouped_dx_kernel", dict(GATHER_G=False, SCATTER=True, GW=False, PREC="ieee", **_T)),
-    ("_grouped_dx_kernel", dict(GATHER_G=True, SCATTER=False, GW=True, PREC="ieee", **_T)),
-    ("_grouped_dw_kernel", dict(HAS_BIAS=True, GATHER_X=True, GATHER_G=False, PREC="ieee", **_T)),
-    ("_grouped_dw_kernel", dict(HAS_BIAS=True, GATHER_X=False, GATHER_G=True, PREC="ieee", **_T)),
+    ("_grouped_linear_dx_kernel", dict(GATHER_G=False, SCATTER=True, GW=False, PREC="ieee", **_T)),
+    ("_grouped_linear_dx_kernel", dict(GATHER_G=True, SCATTER=False, GW=True, PREC="ieee", **_T)),
+    ("_grouped_linear_dw_kernel", dict(HAS_BIAS=True, GATHER_X=True, GATHER_G=False, PREC="ieee", **_T)),
+    ("_grouped_linear_dw_kernel", dict(HAS_BIAS=True, GATHER_X=False, GATHER_G=True, PREC="ieee", **_T)),
     ("_act_grad_kernel", dict(ACT=2, BLOCK=1024)),
     ("_route_x_kernel", dict(TOPK=2, PREC="ieee", BT=64, BE=16, BD=64)),
     ("_route_kernel", dict(TOPK=2, BT=64, BE=4)),
@@ -67,7 +74,7 @@ VARIANTS = [
 
 
 def _kernel(name: str):
-    for mod in (gg, rt, pm):
+    for mod in (gg, tma, rt, pm):
         if hasattr(mod, name):
             return getattr(mod, name)
     raise KeyError(name)
@@ -123,15 +130,15 @@ def test_triton_kernels_compile_for_gpus(arch, dtype):
 # The forward's variants differ only in the epilogue, and take the same memory (measured): one
 # non-TMA forward; the TMA forward with A gathered and through TMA.
 _GEMM = [
-    ("forward", "_grouped_fwd_kernel", dict(HAS_BIAS=True, ACT=1, GATHER=True, SCATTER=False, STORE_PRE=True)),
-    ("forward", "_grouped_fwd_tma_kernel", dict(HAS_BIAS=True, ACT=1, GATHER=True, SCATTER=False, STORE_PRE=True)),
-    ("forward", "_grouped_fwd_tma_kernel", dict(HAS_BIAS=True, ACT=0, GATHER=False, SCATTER=True, STORE_PRE=False)),
-    ("dX", "_grouped_dx_kernel", dict(GATHER_G=False, SCATTER=True, GW=False)),
-    ("dX", "_grouped_dx_kernel", dict(GATHER_G=True, SCATTER=False, GW=True)),
-    ("dX", "_grouped_dx_kernel", dict(GATHER_G=False, SCATTER=False, GW=False)),
-    ("dW", "_grouped_dw_kernel", dict(HAS_BIAS=True, GATHER_X=True, GATHER_G=False)),
-    ("dW", "_grouped_dw_kernel", dict(HAS_BIAS=True, GATHER_X=False, GATHER_G=True)),
-    ("dW", "_grouped_dw_kernel", dict(HAS_BIAS=False, GATHER_X=False, GATHER_G=False)),
+    ("forward", "_grouped_linear_kernel", dict(HAS_BIAS=True, ACT=1, GATHER=True, SCATTER=False, STORE_PRE=True)),
+    ("forward", "_grouped_linear_tma_kernel", dict(HAS_BIAS=True, ACT=1, GATHER=True, SCATTER=False, STORE_PRE=True)),
+    ("forward", "_grouped_linear_tma_kernel", dict(HAS_BIAS=True, ACT=0, GATHER=False, SCATTER=True, STORE_PRE=False)),
+    ("dX", "_grouped_linear_dx_kernel", dict(GATHER_G=False, SCATTER=True, GW=False)),
+    ("dX", "_grouped_linear_dx_kernel", dict(GATHER_G=True, SCATTER=False, GW=True)),
+    ("dX", "_grouped_linear_dx_kernel", dict(GATHER_G=False, SCATTER=False, GW=False)),
+    ("dW", "_grouped_linear_dw_kernel", dict(HAS_BIAS=True, GATHER_X=True, GATHER_G=False)),
+    ("dW", "_grouped_linear_dw_kernel", dict(HAS_BIAS=True, GATHER_X=False, GATHER_G=True)),
+    ("dW", "_grouped_linear_dw_kernel", dict(HAS_BIAS=False, GATHER_X=False, GATHER_G=False)),
 ]
 # (dtype, dot precision, aligned): fp32 with ieee and tf32 dots (TF32 allowed), bf16; fp32 also
 # unaligned (a few of its kernels take a little more memory so). No fp16: it compiled to exactly

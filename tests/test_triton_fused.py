@@ -1,10 +1,12 @@
-"""The fused ops (ops/fused.py) against the float64 oracle on every backend that runs here, their
+"""The fused ops (route_x, sort_experts, grouped_linear_gather, grouped_linear_combine) against
+the float64 oracle on every backend that runs here, their
 opcheck samples, and the Triton backend's own properties: refusal messages, the number of kernel
 launches of the layer's forward and backward, no host sync in its source, and (on GPUs) the layer
 at DESIGN.md's shapes in bf16/fp16/fp32."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from pathlib import Path
@@ -276,7 +278,7 @@ def test_triton_launchers_set_the_tensors_device():
 
     launch = re.compile(r"_kernel\[|\blaunch\(|_fwd_tma\b|\b_(fwd|dx|dw)\b,")
     missing = []
-    for name in ("grouped_gemm", "routing", "permutation"):
+    for name in ("grouped_linear", "grouped_linear_tma", "routing", "permute"):
         mod = importlib.import_module(f"cumo_kernels.triton.{name}")
         for fname, fn in vars(mod).items():
             if not inspect.isfunction(fn) or fn.__module__ != mod.__name__:
@@ -292,16 +294,16 @@ FORWARD_LAUNCHES = [
     "_route_reduce_kernel",
     "_hist_kernel",
     "_sort_scatter_kernel",
-    "_grouped_fwd_kernel",
-    "_grouped_fwd_kernel",
+    "_grouped_linear_kernel",
+    "_grouped_linear_kernel",
     "_slot_sum_kernel",
 ]
 BACKWARD_LAUNCHES = [
-    "_grouped_dx_kernel",  # fc2: d h, with grad_out gathered and scaled on load, + d routing weights
-    "_grouped_dw_kernel",  # fc2: d w2, d b2
+    "_grouped_linear_dx_kernel",  # fc2: d h, with grad_out gathered and scaled on load, + d routing weights
+    "_grouped_linear_dw_kernel",  # fc2: d w2, d b2
     "_act_grad_kernel",  # fc1: d pre = d h * act'(pre), once
-    "_grouped_dx_kernel",  # fc1: d x in slot order
-    "_grouped_dw_kernel",  # fc1: d w1, d b1, x gathered on load
+    "_grouped_linear_dx_kernel",  # fc1: d x in slot order
+    "_grouped_linear_dw_kernel",  # fc1: d w1, d b1, x gathered on load
     "_slot_sum_kernel",  # fc1: sum over each token's k slots
     "_route_x_bwd_kernel",  # d logits and the router's share of d x
     "_dgate_kernel",  # d gate: float32 partials over token splits
@@ -369,10 +371,10 @@ def test_moe_mlp_multiblock(device, backend, dtype):
 
 def _autotune_configs() -> list:
     try:
-        from cumo_kernels.triton import grouped_gemm
+        grouped_linear = importlib.import_module("cumo_kernels.triton.grouped_linear")
     except ImportError:  # no triton: the backend-parametrised tests are not generated either
         return []
-    return grouped_gemm._configs()
+    return grouped_linear._configs()
 
 
 @pytest.mark.parametrize("cfg", _autotune_configs(), ids=lambda c: "BM{BM}-BN{BN}-BK{BK}".format(**c.kwargs))
@@ -389,10 +391,12 @@ def test_triton_every_autotune_config(device, backend, dtype, cfg):
     skip_unsupported(device, backend, dtype)
     import test_moe_mlp
 
-    from cumo_kernels.triton import _common, grouped_gemm
+    from cumo_kernels.triton import _common
+
+    grouped_linear = importlib.import_module("cumo_kernels.triton.grouped_linear")
 
     limit = _common.smem_limit(torch.device(device)) if device == "cuda" else _common.SMEM_SM90
-    pruned = grouped_gemm.smem_pruned(cfg, dtype, limit)
+    pruned = grouped_linear.smem_pruned(cfg, dtype, limit)
     if pruned:
         pytest.skip(f"{cfg.kwargs} ({cfg.num_stages} stages) is pruned from the autotune set: {pruned}")
 
@@ -411,37 +415,39 @@ def test_triton_autotune_smem_prune():
     _triton()
     from triton.runtime.autotuner import Autotuner
 
-    from cumo_kernels.triton import _common, grouped_gemm
+    from cumo_kernels.triton import _common, grouped_linear_tma
 
-    configs = grouped_gemm._configs()
+    grouped_linear = importlib.import_module("cumo_kernels.triton.grouped_linear")
+
+    configs = grouped_linear._configs()
     limit = _common.SMEM_SM90
     # fp32: dX loses its BM128 x BN128 x BK64 config (a 128 x 64 gradient tile per stage), dW both
     # BM128 x BN128 configs (its 128 x 128 gradient tiles)
-    big_dx = [c for c in configs if grouped_gemm.smem_dx(_common.config_meta(c), 4) > limit]
+    big_dx = [c for c in configs if grouped_linear.smem_dx(_common.config_meta(c), 4) > limit]
     big_dw = [c for c in configs if c.kwargs["BM"] == c.kwargs["BN"] == 128]
     assert [c.kwargs for c in big_dx] == [{"BM": 128, "BN": 128, "BK": 64}]
-    prune = _common.smem_pruner(grouped_gemm.smem_dx)
+    prune = _common.smem_pruner(grouped_linear.smem_dx)
     f32 = prune(configs, {"g_ptr": torch.empty(2), "N": 16}, extra=1)
     assert f32 == [c for c in configs if c not in big_dx]
     assert prune(configs, {"g_ptr": torch.empty(2, dtype=torch.float16)}) == configs
     assert prune(configs, named_args={"g_ptr": torch.empty(2)}) == f32
     assert prune(configs, {}) == f32  # no tensor: 4-byte elements
-    f32_dw = _common.smem_pruner(grouped_gemm.smem_dw)(configs, {"g_ptr": torch.empty(2)})
+    f32_dw = _common.smem_pruner(grouped_linear.smem_dw)(configs, {"g_ptr": torch.empty(2)})
     assert f32_dw == [c for c in configs if c not in big_dw]
-    smallest = _common.smem_fits(configs, grouped_gemm.smem_dw, 4, 1024)
+    smallest = _common.smem_fits(configs, grouped_linear.smem_dw, 4, 1024)
     assert smallest == [configs[0]]
     for cfg in big_dw:
-        reason = grouped_gemm.smem_pruned(cfg, torch.float32, limit)
+        reason = grouped_linear.smem_pruned(cfg, torch.float32, limit)
         assert reason and ("dX" in reason or "dW" in reason) and str(limit) in reason
-        assert grouped_gemm.smem_pruned(cfg, torch.bfloat16, limit) is None
+        assert grouped_linear.smem_pruned(cfg, torch.bfloat16, limit) is None
     if _common.AUTOTUNE:
-        for kernel in (grouped_gemm._fwd, grouped_gemm._fwd_tma, grouped_gemm._dx, grouped_gemm._dw):
+        for kernel in (grouped_linear._fwd, grouped_linear_tma._fwd_tma, grouped_linear._dx, grouped_linear._dw):
             assert isinstance(kernel, Autotuner) and kernel.early_config_prune is not None
-        grouped_gemm._dx.nargs = {"g_ptr": torch.empty(2)}
+        grouped_linear._dx.nargs = {"g_ptr": torch.empty(2)}
         try:
-            assert [c.kwargs for c in grouped_gemm._dx.prune_configs({})] == [c.kwargs for c in f32]
+            assert [c.kwargs for c in grouped_linear._dx.prune_configs({})] == [c.kwargs for c in f32]
         finally:
-            grouped_gemm._dx.nargs = None
+            grouped_linear._dx.nargs = None
 
 
 @pytest.mark.skipif(not INTERPRET, reason="checks the TMA variant in the Triton interpreter (TRITON_INTERPRET=1)")
@@ -466,10 +472,10 @@ def test_triton_tma_forward_matches_default(monkeypatch, dtype):
     monkeypatch.setenv("CUMO_TRITON_TMA", "0")
     want = run()
     monkeypatch.setenv("CUMO_TRITON_TMA", "1")
-    from cumo_kernels.triton import grouped_gemm
+    from cumo_kernels.triton import grouped_linear_tma
 
-    assert grouped_gemm._tma_usable(x, w1)
-    assert not grouped_gemm._tma_usable(x[:, :13].contiguous(), w1[:, :, :13].contiguous())
+    assert grouped_linear_tma.tma_usable(x, w1)
+    assert not grouped_linear_tma.tma_usable(x[:, :13].contiguous(), w1[:, :, :13].contiguous())
     got = run()
     for name, a, b in zip(("h", "pre", "out", "y_slot"), got, want):
         assert torch.equal(a, b), f"{name} differs between the TMA and the default forward"

@@ -1,6 +1,6 @@
 """Public differentiable ops of cumo-kernels, one file per op family (see `moe.py` for the table)."""
 
-from .grouped_gemm import grouped_linear
+from .grouped_linear import grouped_linear
 from .moe import moe_mlp
 from .permute import permute, unpermute
 from .routing import aux_losses, route

@@ -232,7 +232,7 @@ def _first(mask: torch.Tensor) -> tuple[int, ...] | None:
 
 def check_offsets_values(offsets: torch.Tensor, rows: int) -> None:
     """offsets[0] = 0, non-decreasing, offsets[E] <= rows (rows offsets[E]:rows: dropped slots)."""
-    from ..reference.gemm import host_bounds
+    from ..reference.grouped_linear import host_bounds
 
     host_bounds(offsets, rows)
 

@@ -14,8 +14,8 @@ backward ops are custom ops too, named `<op>_backward`):
 
 The router logits are `F.linear(x, gate_weight)` in the activation dtype, an ordinary autograd op.
 
-A backend module with `FUSED_MOE = True` (the triton backend) gets the fused composition of
-ops/fused.py instead: cumo::route_x (router GEMM + routing) -> cumo::sort_experts ->
+A backend module with `FUSED_MOE = True` (the triton backend) gets the fused composition
+(`fused_moe` below) instead: cumo::route_x (router GEMM + routing) -> cumo::sort_experts ->
 cumo::grouped_linear_gather (fc1 reading x through the sort order) -> cumo::grouped_linear_combine
 (fc2 + weighted combine) -> cumo::aux_losses.
 """
@@ -30,10 +30,9 @@ from torch import Tensor
 
 from .. import dispatch, tuning
 from ._common import check_activation, check_device, check_float, check_shape, check_top_k, needs_grad
-from .fused import backend_is_fused, fused_moe
-from .grouped_gemm import _expert_mlp, _grouped_linear
-from .permute import _permute, _unpermute
-from .routing import _aux_losses, _route
+from .grouped_linear import _expert_mlp, _grouped_linear, _grouped_linear_combine, _grouped_linear_gather
+from .permute import _permute, _sort_experts, _unpermute
+from .routing import _aux_losses, _route, _route_x
 
 # What torch.autocast casts (its "eligible" tensors): float32, float16 and bfloat16, never float64.
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
@@ -84,6 +83,43 @@ def _workload(x: Tensor, hidden: int, d_out: int, e: int, top_k: int, tensors: t
         dtype=str(x.dtype).removeprefix("torch."),
         pass_="fwd+bwd" if _needs_grad(*tensors) else "fwd",
     )
+
+
+@torch.compiler.assume_constant_result
+def backend_is_fused(backend: str) -> bool:
+    """Whether backend module `backend` asks for the fused composition (`FUSED_MOE = True`); a
+    constant to torch.compile, which cannot trace the import of a backend module."""
+    return bool(getattr(dispatch.implementation(backend), "FUSED_MOE", False))
+
+
+def fused_moe(
+    x2: Tensor,
+    gate_weight: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    top_k: int,
+    activation: str,
+    samples: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The MoE block through the fused ops: (y [T, out], prob_sums, first_counts, z_sums).
+
+    x2 [T, in] (T > 0); the other arguments as `moe_mlp`'s, checked by it.
+    """
+    e = gate_weight.shape[0]
+    weights, expert_ids, prob_sums, first_counts, z_sums, _ = _route_x(
+        x2, gate_weight.contiguous(), top_k, samples, backend
+    )
+    sort_idx, offsets = _sort_experts(expert_ids, e, backend)
+    b1c = None if b1 is None else b1.contiguous()
+    b2c = None if b2 is None else b2.contiguous()
+    # The pre-activation is kept only when a backward through fc1 can follow (not in inference).
+    save_pre = needs_grad(x2, w1, b1)
+    h, _ = _grouped_linear_gather(x2, w1.contiguous(), b1c, sort_idx, offsets, top_k, activation, save_pre, backend)
+    y, _ = _grouped_linear_combine(h, w2.contiguous(), b2c, sort_idx, offsets, weights, backend)
+    return y, prob_sums, first_counts, z_sums
 
 
 def moe_mlp(
@@ -173,7 +209,7 @@ def moe_mlp(
         return y, zero, zero.to(x.dtype) + 0
 
     if backend_is_fused(name):
-        # The backend's fused ops (ops/fused.py): routing from x, gather-on-load, combine.
+        # The backend's fused ops (fused_moe): routing from x, gather-on-load, combine.
         y, prob_sums, first_counts, z_sums = fused_moe(
             x2.contiguous(), gate_weight, w1, b1, w2, b2, top_k, activation, samples, name
         )

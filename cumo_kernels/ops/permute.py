@@ -1,5 +1,6 @@
-"""Permutation ops: `cumo::permute` (group rows by expert, offsets on the device) and
-`cumo::unpermute` (weighted combine back to token order), with their backward ops."""
+"""Permutation ops: `cumo::permute` (group rows by expert, offsets on the device),
+`cumo::unpermute` (weighted combine back to token order), with their backward ops, and
+`cumo::sort_experts` (the sort order alone, for backends with the fused composition)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ._common import (
     check_sort_idx_values,
     grad_or_zeros,
     guard_autograd,
+    impl_or_twin,
     refuse_double_backward,
     validation_wanted,
 )
@@ -182,3 +184,22 @@ def unpermute(
         check_sort_idx_values(sort_idx)
     name = dispatch.select(backend, y_sorted.device)
     return _unpermute(y_sorted.contiguous(), sort_idx.contiguous(), weights.contiguous(), name)
+
+
+# ------------------------------------------------------------------------------ sort_experts
+
+
+@torch.library.custom_op("cumo::sort_experts", mutates_args=())
+def _sort_experts(expert_ids: Tensor, num_experts: int, backend: str) -> tuple[Tensor, Tensor]:
+    return tuple(impl_or_twin(backend, "sort_experts")(expert_ids, num_experts))
+
+
+@_sort_experts.register_fake
+def _(expert_ids, num_experts, backend):
+    return (
+        expert_ids.new_empty(expert_ids.numel(), dtype=torch.int64),
+        expert_ids.new_empty(num_experts + 1, dtype=torch.int64),
+    )
+
+
+guard_autograd(_sort_experts)

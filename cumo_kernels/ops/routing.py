@@ -1,5 +1,6 @@
-"""Routing op `cumo::route` (softmax, top-k, renormalisation, balance statistics, z-loss sums)
-and `cumo::aux_losses`."""
+"""Routing ops: `cumo::route` (softmax, top-k, renormalisation, balance statistics, z-loss sums)
+from given logits, `cumo::route_x` (the router GEMM fused with the routing, for backends with the
+fused composition), and `cumo::aux_losses`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ._common import check_float, check_top_k, grad_or_zeros, guard_autograd, refuse_double_backward
+from ._common import check_float, check_top_k, grad_or_zeros, guard_autograd, impl_or_twin, refuse_double_backward
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("cumo::route", mutates_args=())
@@ -156,3 +161,72 @@ def aux_losses(
     if isinstance(tokens_per_sample, bool) or not isinstance(tokens_per_sample, int) or tokens_per_sample < 1:
         raise ValueError(f"tokens_per_sample: expected a positive int, got {tokens_per_sample!r}")
     return _aux_losses(prob_sums.contiguous(), first_counts.contiguous(), z_sums.contiguous(), tokens_per_sample)
+
+
+# ----------------------------------------------------------------------------------- route_x
+
+
+@torch.library.custom_op("cumo::route_x", mutates_args=())
+def _route_x(
+    x: Tensor, gate_weight: Tensor, top_k: int, num_samples: int, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(impl_or_twin(backend, "route_x")(x, gate_weight, top_k, num_samples))
+
+
+@_route_x.register_fake
+def _(x, gate_weight, top_k, num_samples, backend):
+    t, e = x.shape[0], gate_weight.shape[0]
+    acc = _acc(x.dtype)
+    return (
+        x.new_empty(t, top_k),
+        x.new_empty(t, top_k, dtype=torch.int64),
+        x.new_empty(num_samples, e, dtype=acc),
+        x.new_empty(num_samples, e, dtype=acc),
+        x.new_empty(num_samples, dtype=acc),
+        x.new_empty(t, e),
+    )
+
+
+@torch.library.custom_op("cumo::route_x_backward", mutates_args=())
+def _route_x_backward(
+    grad_weights: Tensor,
+    grad_prob_sums: Tensor,
+    grad_z_sums: Tensor,
+    x: Tensor,
+    gate_weight: Tensor,
+    logits: Tensor,
+    expert_ids: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    fn = impl_or_twin(backend, "route_x_backward")
+    return tuple(fn(grad_weights, grad_prob_sums, grad_z_sums, x, gate_weight, logits, expert_ids))
+
+
+@_route_x_backward.register_fake
+def _(grad_weights, grad_prob_sums, grad_z_sums, x, gate_weight, logits, expert_ids, backend):
+    return torch.empty_like(x), torch.empty_like(gate_weight)
+
+
+def _route_x_setup(ctx, inputs, output):
+    x, gate_weight, _, num_samples, backend = inputs
+    _, expert_ids, _, first_counts, _, logits = output
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, gate_weight, logits, expert_ids)
+    ctx.backend, ctx.num_samples = backend, num_samples
+    ctx.mark_non_differentiable(expert_ids, first_counts, logits)
+
+
+def _route_x_bwd(ctx, g_weights, g_ids, g_prob_sums, g_counts, g_z_sums, g_logits):
+    x, gate_weight, logits, expert_ids = ctx.saved_tensors
+    n, e = ctx.num_samples, gate_weight.shape[0]
+    acc = _acc(x.dtype)
+    gw = g_weights.contiguous() if g_weights is not None else x.new_zeros(expert_ids.shape)
+    gp = g_prob_sums.contiguous() if g_prob_sums is not None else x.new_zeros(n, e, dtype=acc)
+    gz = g_z_sums.contiguous() if g_z_sums is not None else x.new_zeros(n, dtype=acc)
+    dx, dg = _route_x_backward(gw, gp, gz, x, gate_weight, logits, expert_ids, ctx.backend)
+    return dx, dg, None, None, None
+
+
+_route_x.register_autograd(_route_x_bwd, setup_context=_route_x_setup)
+guard_autograd(_route_x)
+refuse_double_backward(_route_x_backward, "route_x")

@@ -5,20 +5,23 @@ backward the signature of its `cumo::*_backward` op. These functions are the pro
 the CPU (sorted dispatch, per-expert `mm` on host-known row counts) and a sync-free baseline on
 CUDA (`grouped_mm` where it accepts the operands, else every expert over all rows with a mask).
 They import neither triton nor the extension.
+
+The twins of the fused ops (`route_x`, `sort_experts`, `grouped_linear_gather`,
+`grouped_linear_combine`) are compositions of the base ones: the torch backend's `moe_mlp` keeps
+its own composition; they exist for the fused custom ops' parity and opcheck tests.
 """
 
-from .fused import (
+from .grouped_linear import (
+    expert_mlp,
+    grouped_linear,
+    grouped_linear_backward,
     grouped_linear_combine,
     grouped_linear_combine_backward,
     grouped_linear_gather,
     grouped_linear_gather_backward,
-    route_x,
-    route_x_backward,
-    sort_experts,
 )
-from .gemm import expert_mlp, grouped_linear, grouped_linear_backward
-from .permute import permute, permute_backward, unpermute, unpermute_backward
-from .routing import aux_losses, route, route_backward
+from .permute import permute, permute_backward, sort_experts, unpermute, unpermute_backward
+from .routing import aux_losses, route, route_backward, route_x, route_x_backward
 
 __all__ = [
     "aux_losses",

@@ -103,3 +103,9 @@ def unpermute_backward(
     grad_w = y_sorted.new_empty(t, k)
     torch.bmm(gathered, grad_out.to(y_sorted.dtype).unsqueeze(2), out=grad_w.view(t, k, 1))
     return grad_y.to(y_sorted.dtype), grad_w.to(weights.dtype)
+
+
+def sort_experts(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`permute`'s (sort_idx [T*k], offsets [E+1]) without the permuted rows (ids >= E: dropped)."""
+    keys = expert_keys(expert_ids, num_experts)
+    return torch.argsort(keys, stable=True), offsets_of_keys(keys, num_experts)

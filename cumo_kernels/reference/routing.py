@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -115,3 +116,29 @@ def aux_losses(
     balance = ((prob_sums.to(acc) / n) * (first_counts.to(acc) / n)).sum() / count * (E * E)
     z = z_sums.to(acc).sum() / (max(B, 1) * n)
     return balance, z
+
+
+def route_x(
+    x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, num_samples: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`route(F.linear(x, gate_weight), top_k, num_samples)` plus the logits [T, E] (x.dtype).
+
+    x [T, in], gate_weight [E, in] -> (weights [T, k], expert_ids [T, k] int64, prob_sums [B, E],
+    first_counts [B, E], z_sums [B], logits [T, E]).
+    """
+    logits = F.linear(x, gate_weight)
+    return (*route(logits, top_k, num_samples), logits)
+
+
+def route_x_backward(
+    grad_weights: torch.Tensor,
+    grad_prob_sums: torch.Tensor,
+    grad_z_sums: torch.Tensor,
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    logits: torch.Tensor,
+    expert_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x [T, in], grad_gate [E, in]) through the logits (rounded to x.dtype)."""
+    dl = route_backward(grad_weights, grad_prob_sums, grad_z_sums, logits, expert_ids)
+    return dl @ gate_weight, dl.t() @ x

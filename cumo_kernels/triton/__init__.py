@@ -13,15 +13,15 @@ import os
 
 import torch
 
-from .fused import (
+from .grouped_linear import (
+    grouped_linear,
+    grouped_linear_backward,
     grouped_linear_combine,
     grouped_linear_combine_backward,
     grouped_linear_gather,
     grouped_linear_gather_backward,
-    sort_experts,
 )
-from .grouped_gemm import grouped_linear, grouped_linear_backward
-from .permutation import permute, permute_backward, unpermute, unpermute_backward
+from .permute import permute, permute_backward, sort_experts, unpermute, unpermute_backward
 from .routing import route, route_backward, route_x, route_x_backward
 
 FUSED_MOE = True

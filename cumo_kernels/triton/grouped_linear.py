@@ -33,27 +33,23 @@ forward's, not BK wide.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import (
     ACT_CODES,
-    INTERPRET,
     act_fwd,
     act_grad,
     autotuned,
     check_dtype,
     config_meta,
     dot_precision,
-    explicit_meta,
     launch,
     on_tensor_device,
     smem_fits,
 )
+from .permute import slot_sum
 
 _FIXED = {"BM": 16, "BN": 16, "BK": 16}
 
@@ -111,35 +107,6 @@ def smem_dw(meta: dict, elt: int) -> int:
     """dW: x's BM x BK tile per stage, and the gradient tiles as in dX."""
     s, bm, bn, bk = meta["num_stages"], meta["BM"], meta["BN"], meta["BK"]
     return (s * bm * bk + (2 * s - 1) * bm * bn) * elt + _SMEM_SLACK
-
-
-def _tma_block_shapes(nargs: dict) -> None:
-    """Autotune pre-hook: the descriptors' block shapes follow the config's tile."""
-    nargs["a_desc"].block_shape = [nargs["BM"], nargs["BK"]]
-    nargs["w_desc"].block_shape = [nargs["BN"], nargs["BK"]]
-
-
-def _tma_configs() -> list:
-    return [
-        triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_tma_block_shapes)
-        for c in _configs()
-    ]
-
-
-def tma_enabled() -> bool:
-    """The Hopper TMA forward is off unless CUMO_TRITON_TMA=1 (no GPU has measured it yet)."""
-    return os.environ.get("CUMO_TRITON_TMA", "0") == "1"
-
-
-def _tma_usable(a: torch.Tensor, weight: torch.Tensor) -> bool:
-    """TMA needs 16-byte aligned bases and row strides, and a Hopper (sm90+) GPU."""
-    if not tma_enabled():
-        return False
-    k = weight.shape[2]
-    aligned = k * a.element_size() % 16 == 0 and a.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
-    if not aligned:
-        return False
-    return INTERPRET or (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9)
 
 
 @triton.jit
@@ -270,7 +237,7 @@ def _fwd_epilogue(
 
 
 @triton.jit
-def _grouped_fwd_kernel(
+def _grouped_linear_kernel(
     a_ptr,
     w_ptr,
     b_ptr,
@@ -314,59 +281,6 @@ def _grouped_fwd_kernel(
 
 
 @triton.jit
-def _grouped_fwd_tma_kernel(
-    a_ptr,
-    a_desc,
-    w_desc,
-    b_ptr,
-    y_ptr,
-    pre_ptr,
-    offsets_ptr,
-    idx_ptr,
-    M,
-    N,
-    K,
-    E,
-    top_k,
-    M_BUCKET,
-    HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr,
-    GATHER: tl.constexpr,
-    SCATTER: tl.constexpr,
-    STORE_PRE: tl.constexpr,
-    PREC: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-):
-    """Hopper variant of `_grouped_fwd_kernel` (off by default: CUMO_TRITON_TMA=1, waits for a GPU
-    measurement): the weight tile, and A's tile when rows are not gathered, come through TMA
-    descriptors (w viewed as [E*N, K], a as [M, K]). A block may read rows of the next expert or
-    the next expert's weight rows: those rows / columns are masked at the store, and TMA zero-fills
-    past the tensors' ends."""
-    pid_m, pid_n = _tile_of(tl.program_id(0), M, E, N, BM, BN, GROUP_M)
-    e_sel, row0, rows, rmask, slot, arow, cols, cmask, e_safe, live = _row_tile(
-        offsets_ptr, idx_ptr, E, M, N, top_k, pid_m, pid_n, GATHER, SCATTER, BM, BN
-    )
-    w_row = (e_safe * N + pid_n * BN).to(tl.int32)
-    a_row = row0.to(tl.int32)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    k_end = tl.where(live, K, 0)
-    for k0 in range(0, k_end, BK):
-        if GATHER:
-            ks = k0 + tl.arange(0, BK)
-            a = tl.load(a_ptr + arow[:, None] * K + ks[None, :], mask=rmask[:, None] & (ks < K)[None, :], other=0.0)
-        else:
-            a = a_desc.load([a_row, k0])
-        b = w_desc.load([w_row, k0])
-        acc = tl.dot(a, b.T, acc, input_precision=PREC)
-    _fwd_epilogue(
-        acc, b_ptr, y_ptr, pre_ptr, rows, slot, rmask, cols, cmask, e_safe, live, N, HAS_BIAS, ACT, SCATTER, STORE_PRE
-    )
-
-
-@triton.jit
 def _load_grad(g_ptr, rw_ptr, rows, slot, rmask, ns, nmask, N, top_k, GATHER_G: tl.constexpr):
     """The gradient of rows x ns, in the operands' dtype: grad rows as they are, or
     grad_out[slot // k] * routing_weight[slot] (GATHER_G; the product rounded to the dtype)."""
@@ -393,7 +307,7 @@ def _act_grad_kernel(g_ptr, pre_ptr, out_ptr, NUMEL, ACT: tl.constexpr, BLOCK: t
 
 
 @triton.jit
-def _grouped_dx_kernel(
+def _grouped_linear_dx_kernel(
     g_ptr,
     w_ptr,
     dx_ptr,
@@ -450,7 +364,7 @@ def _grouped_dx_kernel(
 
 
 @triton.jit
-def _grouped_dw_kernel(
+def _grouped_linear_dw_kernel(
     g_ptr,
     x_ptr,
     dw_ptr,
@@ -513,10 +427,9 @@ def _grouped_dw_kernel(
             tl.store(db_ptr + e * N + ns, db.to(db_ptr.dtype.element_ty), mask=nmask)
 
 
-_fwd = autotuned(_grouped_fwd_kernel, _configs(), _FWD_KEY, smem_fwd)
-_fwd_tma = autotuned(_grouped_fwd_tma_kernel, _tma_configs(), _FWD_KEY, smem_fwd)
-_dx = autotuned(_grouped_dx_kernel, _configs(), _DX_KEY, smem_dx)
-_dw = autotuned(_grouped_dw_kernel, _configs(), _DW_KEY, smem_dw)
+_fwd = autotuned(_grouped_linear_kernel, _configs(), _FWD_KEY, smem_fwd)
+_dx = autotuned(_grouped_linear_dx_kernel, _configs(), _DX_KEY, smem_dx)
+_dw = autotuned(_grouped_linear_dw_kernel, _configs(), _DW_KEY, smem_dw)
 
 SMEM_ESTIMATES = {"forward": smem_fwd, "dX": smem_dx, "dW": smem_dw}
 """The shared memory estimate of each autotuned GEMM kernel (the TMA forward: `smem_fwd`)."""
@@ -541,7 +454,7 @@ def _bucket(m: int) -> int:
 
 
 @on_tensor_device
-def forward(
+def launch_grouped_linear(
     a: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -596,19 +509,16 @@ def forward(
     # one-dimensional, grouped order (_tile_of): row tiles (an upper bound: cdiv(m, BM) + E + 1,
     # the experts' tiles and the dropped rows') by column tiles
     grid = lambda meta: ((triton.cdiv(m, meta["BM"]) + e + 1) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
-    if _tma_usable(a, weight):
-        # block shapes: the launch's explicit config, else placeholders the autotune pre-hook sets
-        bs = explicit_meta(_FIXED) or _FIXED
-        a_desc = TensorDescriptor.from_tensor(a, [bs["BM"], bs["BK"]])
-        w_desc = TensorDescriptor.from_tensor(weight.view(e * n, k), [bs["BN"], bs["BK"]])
-        launch(_fwd_tma, grid, (a, a_desc, w_desc) + args[2:], _FIXED)
+    if grouped_linear_tma.tma_usable(a, weight):
+        a_desc, w_desc = grouped_linear_tma.descriptors(a, weight)
+        launch(grouped_linear_tma._fwd_tma, grid, (a, a_desc, w_desc) + args[2:], _FIXED)
     else:
         launch(_fwd, grid, args, _FIXED)
     return y, pre
 
 
 @on_tensor_device
-def backward(
+def launch_grouped_linear_backward(
     grad: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -716,7 +626,7 @@ def grouped_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offsets: torch.Tensor, activation: str = "none"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton `grouped_linear` (one launch): same contract as the reference."""
-    return forward(x, weight, bias, offsets, activation)
+    return launch_grouped_linear(x, weight, bias, offsets, activation)
 
 
 def grouped_linear_backward(
@@ -729,5 +639,106 @@ def grouped_linear_backward(
     has_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Triton `grouped_linear_backward` (two launches)."""
-    dx, dw, db, _ = backward(grad_y, x, weight, offsets, pre, activation, has_bias)
+    dx, dw, db, _ = launch_grouped_linear_backward(grad_y, x, weight, offsets, pre, activation, has_bias)
     return dx, dw, db
+
+
+def grouped_linear_gather(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    sort_idx: torch.Tensor,
+    offsets: torch.Tensor,
+    top_k: int,
+    activation: str = "none",
+    save_pre: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch: the grouped GEMM reading x's rows through sort_idx // k (gather-on-load)."""
+    return launch_grouped_linear(
+        x,
+        weight,
+        bias,
+        offsets,
+        activation,
+        sort_idx=sort_idx.contiguous(),
+        top_k=top_k,
+        gather=True,
+        save_pre=save_pre,
+    )
+
+
+def grouped_linear_gather_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    sort_idx: torch.Tensor,
+    offsets: torch.Tensor,
+    pre: torch.Tensor,
+    top_k: int,
+    activation: str,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """dX (written in slot order), dW + db (x gathered on load), then the sum over each token's
+    k slots (skipped for k = 1): three launches, two for k = 1."""
+    dx_slot, dw, db, _ = launch_grouped_linear_backward(
+        grad_y,
+        x,
+        weight,
+        offsets,
+        pre,
+        activation,
+        has_bias,
+        sort_idx=sort_idx.contiguous(),
+        top_k=top_k,
+        gather_x=True,
+        scatter_dx=True,
+    )
+    gx = dx_slot if top_k == 1 else slot_sum(dx_slot, x.shape[0], top_k)
+    return gx, dw, db
+
+
+def grouped_linear_combine(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    sort_idx: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GEMM stores its rows in slot order (the scatter half of the combine, in the epilogue);
+    a second launch takes the weighted sum over each token's k contiguous rows."""
+    t, k = weights.shape
+    y_slot, _ = launch_grouped_linear(h, weight, bias, offsets, "none", sort_idx=sort_idx.contiguous(), scatter=True)
+    return slot_sum(y_slot, t, k, weights=weights.contiguous()), y_slot
+
+
+def grouped_linear_combine_backward(
+    grad_out: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    sort_idx: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor,
+    y_slot: torch.Tensor,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Two launches: dX (grad_out gathered and scaled by the routing weight on load; the first
+    column block also forms the routing weights' gradient) and dW + db."""
+    gh, gw, gb, gwts = launch_grouped_linear_backward(
+        grad_out,
+        h,
+        weight,
+        offsets,
+        h.new_empty(0),
+        "none",
+        has_bias,
+        sort_idx=sort_idx.contiguous(),
+        top_k=weights.shape[1],
+        routing_weights=weights,
+        y_slot=y_slot,
+    )
+    return gh, gw, gb, gwts
+
+
+# The Hopper TMA variant of the forward (its own file; it builds on this file's @triton.jit helpers).
+from . import grouped_linear_tma  # noqa: E402

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _activations
+from .permute import permute_backward, unpermute_backward
 
 STRATEGIES = ("per_expert", "grouped_mm", "masked")
 
@@ -313,3 +314,77 @@ def expert_mlp(
         h = _activations.apply(h, activation)
         _linear_into(h, w2[e], None if b2 is None else b2[e], y[r0:r1])
     return y
+
+
+def grouped_linear_gather(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    sort_idx: torch.Tensor,
+    offsets: torch.Tensor,
+    top_k: int,
+    activation: str = "none",
+    save_pre: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`grouped_linear(x[sort_idx // top_k], ...)`: x [T, K] in token order -> (y [T*k, N], pre);
+    pre is empty ([0]) when activation is "none" or save_pre is False (no backward to serve)."""
+    xs = x.index_select(0, torch.div(sort_idx, top_k, rounding_mode="floor"))
+    y, pre = grouped_linear(xs, weight, bias, offsets, activation)
+    return y, (pre if save_pre else x.new_empty(0))
+
+
+def grouped_linear_gather_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    sort_idx: torch.Tensor,
+    offsets: torch.Tensor,
+    pre: torch.Tensor,
+    top_k: int,
+    activation: str,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(grad_x [T, K] in token order, grad_weight, grad_bias or None)."""
+    xs = x.index_select(0, torch.div(sort_idx, top_k, rounding_mode="floor"))
+    gxs, gw, gb = grouped_linear_backward(grad_y, xs, weight, offsets, pre, activation, has_bias)
+    return permute_backward(gxs, sort_idx, top_k), gw, gb
+
+
+def grouped_linear_combine(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    sort_idx: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second GEMM with the weighted combine.
+
+    h [T*k, K] grouped rows, weight [E, N, K], bias [E, N] or None, weights [T, k] ->
+    (out [T, N] = sum_j weights[t, j] * y[row of slot t*k+j], y_slot [T*k, N]: the GEMM's rows
+    in slot order t*k+j, kept for the backward).
+    """
+    t, k = weights.shape
+    y_sorted, _ = grouped_linear(h, weight, bias, offsets, "none")
+    y_slot = torch.empty_like(y_sorted)
+    y_slot[sort_idx] = y_sorted
+    out = y_slot.new_empty(t, y_slot.shape[1])  # not a view (see unpermute)
+    torch.bmm(weights.to(y_slot.dtype).unsqueeze(1), y_slot.view(t, k, -1), out=out.view(t, 1, -1))
+    return out, y_slot
+
+
+def grouped_linear_combine_backward(
+    grad_out: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    sort_idx: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor,
+    y_slot: torch.Tensor,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(grad_h [T*k, K], grad_weight, grad_bias or None, grad_weights [T, k])."""
+    y_sorted = y_slot.index_select(0, sort_idx)
+    gys, gwts = unpermute_backward(grad_out, y_sorted, sort_idx, weights)
+    gh, gw, gb = grouped_linear_backward(gys, h, weight, offsets, h.new_empty(0), "none", has_bias)
+    return gh, gw, gb, gwts
