@@ -70,7 +70,7 @@ def default_backends(device: str) -> list[str]:
 def unavailable(backend: str, device: str) -> str | None:
     """Why `backend` cannot run on `device` tensors (None: it can)."""
     try:
-        dispatch.select(backend, torch.device(device))
+        dispatch.choose(backend, torch.device(device))
     except RuntimeError as exc:
         return str(exc)
     return None
@@ -78,7 +78,8 @@ def unavailable(backend: str, device: str) -> str | None:
 
 def verdict(backend: str, exc: BaseException, healthy: bool) -> str:
     """REFUSED only for Unsupported from an explicitly chosen backend with the context healthy;
-    anything else is FAILED."""
+    anything else is FAILED (under auto, Unsupported means auto chose a backend whose reasons
+    did not show what it refuses)."""
     if healthy and backend != "auto" and isinstance(exc, dispatch.Unsupported):
         return "REFUSED"
     return "FAILED"

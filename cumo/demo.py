@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 
 import torch
 from torch import nn
 
 import cumo
-from cumo_kernels import dispatch
+import cumo_kernels
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,7 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         feats, _, _ = s2(images)
         out, _, _ = connector(feats)
-    print(f"backend: {dispatch.select(args.backend, device)} (device {device.type})")
+    # The model code knows no backend: the kernel library chooses one per layer call ("auto"
+    # takes the first that can run it of those that run here).
+    requested = args.backend or os.environ.get("CUMO_KERNELS_BACKEND") or "auto"
+    runnable = ", ".join(cumo_kernels.available_backends(device))
+    print(f"backend: {requested} (device {device.type}; backends that run here: {runnable})")
     tokens = (config.image_size // config.patch_size) ** 2 + 1
     n = images.shape[0]
     print(f"encoder calls per step: {n} images x {tokens} tokens (whole), {9 * n} crops x {tokens} tokens (3x image)")

@@ -5,9 +5,11 @@ module owns the rest (DESIGN.md, "The CUDA extension without the torch ABI"): it
 operand (device, dtype, contiguity, alignment), allocates outputs and workspaces with torch's
 caching allocator, and passes `data_ptr()`s and `torch.cuda.current_stream().cuda_stream`.
 
-The functions have the signatures of `cumo_kernels.reference`. Operands this backend cannot take
-(float64, more than 64 experts, ...) raise `dispatch.Unsupported` before anything is launched:
-under `auto` the op then falls back to the next backend, an explicit `backend="cuda"` raises it.
+The functions have the signatures of `cumo_kernels.reference` (the contract: cumo_kernels.backend).
+`not_supported_reasons(call)` says what this backend cannot run (float64, more than 64 experts in
+the routing, a device this build has no kernels for, ...), so that a call chooses another backend
+before anything launches; the op functions check their operands again and raise
+`backend.Unsupported` (an error) for what a call's description cannot show.
 Importing this module never initialises CUDA, and works where the extension is not built.
 """
 
@@ -18,7 +20,7 @@ import os
 import torch
 
 from ._activations import ACTIVATIONS
-from .dispatch import Unsupported
+from .backend import Call, Unsupported
 
 try:
     from . import _cuda
@@ -37,6 +39,11 @@ _BUILD_HINT = "build it with `pip install .` on a machine with nvcc (CUDA_HOME),
 
 assert set(ACTIVATIONS) <= set(ACTIVATION_CODES)
 
+COMPOSITION = "unfused"
+"""moe_mlp composes route -> permute -> grouped_linear (fc1, fc2) -> unpermute for this backend."""
+
+FEATURES: frozenset[str] = frozenset()
+
 
 def refusal(device_type: str) -> str | None:
     """None when the backend can run on `device_type` tensors, else why not."""
@@ -51,6 +58,33 @@ def refusal(device_type: str) -> str | None:
     if torch.cuda.is_initialized() and not any(_arch_refusal(i) is None for i in range(torch.cuda.device_count())):
         return _arch_refusal(0)
     return None
+
+
+# The most experts each op family takes, by the op a call runs (None: a whole layer, every op).
+_EXPERT_LIMITS = (
+    ("route", MAX_EXPERTS, "the routing kernel holds one token's E scores in registers"),
+    ("permute", MAX_PERMUTE_EXPERTS, "the sort kernel holds one chunk's histogram in shared memory"),
+    ("grouped_linear", MAX_GEMM_EXPERTS, "the grouped GEMM's problem list"),
+)
+
+
+def not_supported_reasons(call: Call) -> list[str]:
+    """Every reason the cuda backend cannot run `call`: device, installation, arch, dtype, E."""
+    device = refusal(call.device.type)
+    if device is not None:
+        return [device]
+    why = []
+    if call.device.index is not None or torch.cuda.is_initialized():
+        arch = _arch_refusal(call.device.index if call.device.index is not None else torch.cuda.current_device())
+        if arch is not None:
+            why.append(arch)
+    if call.dtype is not None and call.dtype not in DTYPE_CODES:
+        why.append(f"the CUDA kernels compute float32, float16 and bfloat16, not {call.dtype}")
+    if call.num_experts is not None:
+        for op, limit, what in _EXPERT_LIMITS:
+            if call.op in (None, op) and call.num_experts > limit:
+                why.append(f"{op} takes at most {limit} experts ({what}), got E={call.num_experts}")
+    return why
 
 
 # ------------------------------------------------------------------------ archs of this build

@@ -1,9 +1,12 @@
-"""Backend choice: "auto" | "cuda" | "triton" | "torch".
+"""Backend choice: "auto" | "cuda" | "triton" | "torch", once per call.
 
 Order of precedence: the `backend=` argument, else the environment variable
-`CUMO_KERNELS_BACKEND`, else "auto". An explicitly requested backend that cannot run raises a
-RuntimeError that says why and what to do; "auto" takes the first backend that can.
-Nothing here initialises CUDA at import.
+`CUMO_KERNELS_BACKEND`, else "auto". `choose` returns one concrete backend for the whole call
+from each candidate's `not_supported_reasons` (the contract: cumo_kernels.backend): an explicitly
+requested backend that cannot run raises with its reasons; "auto" takes the first candidate
+without reasons, in its measured order on a GPU where one exists (cumo_kernels.tuning), else in
+`_AUTO_ORDER`; when none can, the error lists every candidate's reasons.
+Nothing here initialises CUDA or imports a backend at import.
 """
 
 from __future__ import annotations
@@ -11,93 +14,49 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
 
 from . import tuning
+from .backend import Call, Unsupported, required_ops
+
+__all__ = ["BACKENDS", "ENV_VAR", "Unsupported", "available_backends", "choose", "implementation", "op"]
 
 BACKENDS: tuple[str, ...] = ("auto", "cuda", "triton", "torch")
 ENV_VAR = "CUMO_KERNELS_BACKEND"
 
 
-class Unsupported(RuntimeError):
-    """Raised by a backend's op function, before it launches anything, for operands it cannot
-    take (a dtype, a size, an alignment). Under "auto" the op then runs on the next backend that
-    can; an explicitly requested backend lets it propagate (DESIGN.md: "auto falls back under
-    misalignment, explicit cuda raises")."""
-
-
-@dataclass(frozen=True)
+@dataclass
 class Backend:
-    """One backend: `refusal(device)` returns None when it can run on that device type, else why not."""
+    """A registered backend: its name and how to import its module (the contract's functions),
+    imported once, at its first use."""
 
     name: str
-    refusal: Callable[[str], str | None]
     load: Callable[[], ModuleType]
+    _module: ModuleType | None = field(default=None, repr=False, compare=False)
+
+    def module(self) -> ModuleType:
+        mod = self._module
+        if mod is None:
+            mod = self._module = self.load()
+        return mod
 
 
-def _torch_refusal(device_type: str) -> str | None:
-    return None
-
-
-def _load_torch() -> ModuleType:
-    from . import reference
-
-    return reference
-
-
-def _module_backend(name: str, module: str) -> Backend:
-    """A backend implemented by the module `module`, imported only when the backend is asked for.
-
-    The module defines the op functions (the same names and signatures as `reference`) and
-    `refusal(device_type) -> str | None`. A module that is not in this installation yet, or whose
-    import fails (say triton is missing), refuses with the reason.
-    """
-
-    def load() -> ModuleType:
-        return importlib.import_module(module)
-
-    def refusal(device_type: str) -> str | None:
-        try:
-            mod = load()
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                return f"the {name} backend is not part of this release yet; use backend='torch' or 'auto'"
-            return f"the {name} backend cannot be imported: {exc}"
-        except ImportError as exc:
-            return f"the {name} backend cannot be imported: {exc}"
-        check = getattr(mod, "refusal", None)
-        if check is None:
-            return f"{module} defines no refusal(device_type) (an incomplete installation?)"
-        return check(device_type)
-
-    return Backend(name, refusal, load)
+def _module_loader(module: str) -> Callable[[], ModuleType]:
+    return lambda: importlib.import_module(module)
 
 
 _REGISTRY: dict[str, Backend] = {
-    "cuda": _module_backend("cuda", "cumo_kernels.cuda"),
-    "triton": _module_backend("triton", "cumo_kernels.triton"),
-    "torch": Backend("torch", _torch_refusal, _load_torch),
+    "cuda": Backend("cuda", _module_loader("cumo_kernels.cuda")),
+    "triton": Backend("triton", _module_loader("cumo_kernels.triton")),
+    "torch": Backend("torch", _module_loader("cumo_kernels.reference")),
 }
 # The order "auto" tries them in on CUDA tensors where no measurement applies (cumo_kernels.tuning:
-# a layer call whose shape and pass a GPU benchmark run measured follows that run's order). No
-# GPU has executed either kernel backend yet, and Triton comes first because CI executes its
-# kernels (in Triton's interpreter, against the float64 oracle), while the CUDA extension's
-# kernels are only compiled in CI.
+# a layer call whose shape and pass a GPU benchmark run measured follows that run's order).
+# benchmarks/NOTES.md says why Triton comes first.
 _AUTO_ORDER: tuple[str, ...] = ("triton", "cuda", "torch")
-# Backends whose op functions may raise Unsupported for particular operands (float64, too many
-# experts, ...). When "auto" picks one of them, `select` returns "auto" and
-# `implementation("auto")` tries the backends in order per call, falling back on Unsupported.
-_OPERAND_FALLBACK: frozenset[str] = frozenset({"cuda", "triton"})
-
-
-@torch.compiler.assume_constant_result
-def _refusal(name: str, device_type: str) -> str | None:
-    """`_REGISTRY[name].refusal(device_type)`, a constant to torch.compile (which cannot trace the
-    import of a backend module)."""
-    return _REGISTRY[name].refusal(device_type)
 
 
 def resolve_name(backend: str | None) -> str:
@@ -109,109 +68,107 @@ def resolve_name(backend: str | None) -> str:
     return name
 
 
-def _auto_order(device: torch.device, workload: tuning.Workload | None) -> tuple[str, ...]:
-    """auto's order on CUDA `device`: the measured order for `workload` where the measurement
-    table (cumo_kernels.tuning) has one, then the backends it leaves out; else _AUTO_ORDER."""
-    measured = tuning.measured_order(device, workload) if workload is not None else None
+def implementation(name: str) -> ModuleType:
+    """The module of concrete backend `name` (its op functions, COMPOSITION, FEATURES)."""
+    entry = _REGISTRY[name]
+    return entry._module or entry.module()
+
+
+def op(backend: str, name: str) -> Callable:
+    """Backend `backend`'s function for op `name`; for an op its composition and features do not
+    include, an error that says so (never the torch twin in its place)."""
+    fn = getattr(implementation(backend), name, None)
+    if fn is None:
+        raise NotImplementedError(
+            f"the {backend} backend does not provide the op {name!r}: its composition and features do "
+            f"not include it (cumo_kernels.backend); run it with a backend that does, e.g. backend='torch'"
+        )
+    return fn
+
+
+def reasons(name: str, call: Call) -> list[str]:
+    """Every reason concrete backend `name` cannot run `call` (empty: it can), its import included."""
+    try:
+        mod = implementation(name)
+    except ImportError as exc:
+        return [f"the {name} backend cannot be imported: {exc}"]
+    check = getattr(mod, "not_supported_reasons", None)
+    if check is None:
+        return [f"{mod.__name__} defines no not_supported_reasons(call) (an incomplete installation?)"]
+    return list(check(call))
+
+
+def _auto_candidates(device: torch.device, workload: tuning.Workload | None) -> tuple[str, ...]:
+    """auto's candidates, in order: on CPU tensors the torch backend only (the Triton interpreter
+    is for tests); on CUDA the measured order for `workload` where the measurement table
+    (cumo_kernels.tuning) has one, then the backends it leaves out; else _AUTO_ORDER."""
+    if device.type == "cpu":
+        return ("torch",)
+    measured = tuning.measured_order(device, workload) if device.type == "cuda" and workload is not None else None
     if not measured:
         return _AUTO_ORDER
     return tuple(measured) + tuple(b for b in _AUTO_ORDER if b not in measured)
 
 
-def _parse_auto(name: str) -> tuple[str, ...]:
-    """The order of an "auto:<b1>,<b2>,..." name (as `select` returns it)."""
-    order = tuple(name[len("auto:") :].split(","))
-    if not order or any(b not in _REGISTRY for b in order) or len(set(order)) != len(order):
-        raise ValueError(f"backend: {name!r} is not 'auto:' followed by distinct backends of {tuple(_REGISTRY)}")
-    return order
+@torch.compiler.assume_constant_result
+def _choose(
+    requested: str,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    num_experts: int | None,
+    op_name: str | None,
+    workload: tuning.Workload | None,
+) -> str:
+    """`choose` past the name's resolution: a constant to torch.compile (which cannot trace the
+    import of a backend module); the arguments are the call's description."""
+    call = Call(device, dtype, num_experts, op_name)
+    if requested != "auto":
+        why = reasons(requested, call)
+        if why:
+            raise RuntimeError(f"backend={requested!r} cannot run {call.describe()}: " + "; ".join(why))
+        return requested
+    refused = []
+    for cand in _auto_candidates(device, workload):
+        why = reasons(cand, call)
+        if not why:
+            return cand
+        refused.append(f"{cand}: " + "; ".join(why))
+    raise RuntimeError(f"no backend can run {call.describe()}: " + " | ".join(refused))
 
 
-def select(backend: str | None, device: torch.device, workload: tuning.Workload | None = None) -> str:
-    """The backend ("cuda", "triton" or "torch") that runs on `device`, or "auto" when auto's
-    choice is a backend that may refuse particular operands (then `implementation("auto")` falls
-    back per call). Where `workload` (a layer call's shape and pass) has a measured order on this
-    GPU (cumo_kernels.tuning), "auto" follows it, and the name returned may be "auto:<b1>,<b2>,..."
-    (falling back per call in that order).
+def choose(
+    backend: str | None,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    num_experts: int | None = None,
+    *,
+    op: str | None = None,
+    workload: tuning.Workload | None = None,
+) -> str:
+    """The one concrete backend ("cuda", "triton" or "torch") that runs this call, chosen once.
 
-    Raises RuntimeError when an explicitly requested backend cannot run there, with the reason;
-    "auto" falls back, and lists every backend's reason if none can run.
+    backend: the request (None: $CUMO_KERNELS_BACKEND, else "auto"). The call: its `device`,
+    activation `dtype`, `num_experts` and the public `op` it runs (None: a whole layer);
+    `workload`: a layer call's shape and pass, for auto's measured order on a GPU.
+
+    Raises RuntimeError when an explicitly requested backend cannot run the call, with its
+    reasons; under "auto" when no backend can, with every candidate's reasons.
     """
-    name = resolve_name(backend)
-    dev = torch.device(device).type
-    if name != "auto":
-        why = _refusal(name, dev)
-        if why is not None:
-            raise RuntimeError(f"backend={name!r} cannot run on {dev} tensors: {why}")
-        return name
-    if dev == "cpu":
-        # On CPU tensors "auto" is the torch backend: the Triton interpreter is for tests only.
-        return "torch"
-    order = _auto_order(torch.device(device), workload) if dev == "cuda" else _AUTO_ORDER
-    reasons = []
-    for cand in order:
-        why = _refusal(cand, dev)
-        if why is None:
-            if cand not in _OPERAND_FALLBACK:
-                return cand
-            return "auto" if order == _AUTO_ORDER else "auto:" + ",".join(order)
-        reasons.append(f"{cand}: {why}")
-    raise RuntimeError(f"no backend can run on {dev} tensors: " + "; ".join(reasons))
+    return _choose(resolve_name(backend), torch.device(device), dtype, num_experts, op, workload)
 
 
-class _AutoImplementation:
-    """`implementation("auto")` where auto's choice may refuse operands (only on CUDA tensors:
-    on CPU tensors auto is the torch backend). An op function tries, in auto's order, the
-    backends that can run on its operands' device type and define it, and takes the first that
-    does not raise Unsupported. Other attributes (flags such as FUSED_MOE) are those of auto's
-    first choice, so "auto" behaves as that backend unless an operand is refused."""
-
-    def __init__(self, order: tuple[str, ...]) -> None:
-        self._order = order
-
-    def _runnable(self, device_type: str) -> list[ModuleType]:
-        return [_REGISTRY[c].load() for c in self._order if _REGISTRY[c].refusal(device_type) is None]
-
-    def __getattr__(self, op: str):
-        if op.startswith("__"):
-            raise AttributeError(op)
-        modules = self._runnable("cuda")
-        if not modules:
-            raise AttributeError(op)
-        first = getattr(modules[0], op, None)
-        if first is not None and not callable(first):
-            return first
-        if not any(callable(getattr(m, op, None)) for m in modules):
-            raise AttributeError(f"no backend auto can choose defines {op!r}")
-
-        def run(*args, **kwargs):
-            dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cuda")
-            reasons = []
-            for mod in self._runnable(dev):
-                fn = getattr(mod, op, None)
-                if not callable(fn):
-                    continue
-                try:
-                    return fn(*args, **kwargs)
-                except Unsupported as exc:
-                    reasons.append(str(exc))
-            raise RuntimeError(f"no backend can run {op} on these {dev} operands: " + "; ".join(reasons))
-
-        return run
+@torch.compiler.assume_constant_result
+def composition(name: str) -> str:
+    """Concrete backend `name`'s COMPOSITION (cumo_kernels.backend.COMPOSITIONS); a constant to
+    torch.compile."""
+    return implementation(name).COMPOSITION
 
 
-_AUTO_IMPLEMENTATIONS: dict[tuple[str, ...], _AutoImplementation] = {}
-
-
-def implementation(name: str) -> ModuleType | _AutoImplementation:
-    """The module that implements backend `name` (functions named after the ops); for "auto" or
-    "auto:<b1>,<b2>,..." (see `select`), an object whose functions fall back from backend to
-    backend per call, in auto's static order or the given one."""
-    if name == "auto" or name.startswith("auto:"):
-        order = _AUTO_ORDER if name == "auto" else _parse_auto(name)
-        if order not in _AUTO_IMPLEMENTATIONS:
-            _AUTO_IMPLEMENTATIONS[order] = _AutoImplementation(order)
-        return _AUTO_IMPLEMENTATIONS[order]
-    return _REGISTRY[name].load()
+@torch.compiler.assume_constant_result
+def has_feature(name: str, feature: str) -> bool:
+    """Whether concrete backend `name` declares `feature` (cumo_kernels.backend.FEATURES_OPS); a
+    constant to torch.compile."""
+    return feature in implementation(name).FEATURES
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
@@ -221,4 +178,10 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     built extension and a device.
     """
     types = [torch.device(device).type] if device is not None else ["cpu", "cuda"]
-    return [n for n in _AUTO_ORDER if any(_REGISTRY[n].refusal(t) is None for t in types)]
+    return [n for n in _AUTO_ORDER if any(not reasons(n, Call(torch.device(t))) for t in types)]
+
+
+def missing_ops(name: str) -> list[str]:
+    """The ops concrete backend `name`'s COMPOSITION and FEATURES require and its module lacks."""
+    mod = implementation(name)
+    return [o for o in required_ops(mod.COMPOSITION, mod.FEATURES) if not callable(getattr(mod, o, None))]

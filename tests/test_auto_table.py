@@ -1,5 +1,5 @@
 """auto's measured order: the table made from GPU result files (benchmarks/auto_table.py), its
-lookup per layer shape and pass (cumo_kernels/tuning.py), and dispatch.select following it.
+lookup per layer shape and pass (cumo_kernels/tuning.py), and dispatch.choose following it.
 
 No GPU here: the result documents are synthetic (named so), and the CUDA backends are fakes in the
 registry, as in test_cuda_ext's fallback test. What this checks is the plumbing; which backend is
@@ -220,42 +220,41 @@ def test_table_file_from_environment(tmp_path, monkeypatch):
     tuning.table()
 
 
-def _fake_backends(monkeypatch, calls):
-    def make(name):
-        def route(logits, top_k, num_samples):
-            calls.append(name)
-            return name
-
-        return types.SimpleNamespace(refusal=lambda d: None, route=route)
-
+def _fake_backends(monkeypatch, refused=()):
+    """cuda and triton backends that can run anything (but those named in `refused`)."""
     for name in ("cuda", "triton"):
-        fake = make(name)
-        monkeypatch.setitem(dispatch._REGISTRY, name, dispatch.Backend(name, lambda d: None, lambda f=fake: f))
+        reasons = [f"{name}: refused (a test)"] if name in refused else []
+        fake = types.SimpleNamespace(not_supported_reasons=lambda call, r=reasons: r, COMPOSITION="unfused")
+        monkeypatch.setitem(dispatch._REGISTRY, name, dispatch.Backend(name, lambda f=fake: f))
 
 
-def test_select_follows_the_measured_order(monkeypatch):
-    calls = []
-    _fake_backends(monkeypatch, calls)
+def test_choose_follows_the_measured_order(monkeypatch):
+    _fake_backends(monkeypatch)
     cuda = torch.device("cuda", 0)
     w = _w(23080)
     measured = {}
     monkeypatch.setattr(tuning, "measured_order", lambda device, workload: measured.get(workload))
-    # nothing measured: the static order (triton first, falling back per call)
-    assert dispatch.select(None, cuda, w) == "auto"
-    assert dispatch.implementation("auto").route(None, 2, 1) == "triton"
-    # measured cuda first: auto follows it, then the backends the measurement left out
+
+    def choose(backend=None, device=cuda):
+        return dispatch.choose(backend, device, torch.float32, 4, workload=w)
+
+    # nothing measured: the static order, triton first
+    assert choose() == "triton"
+    # measured cuda first: auto follows it
     measured[w] = ("cuda",)
-    name = dispatch.select(None, cuda, w)
-    assert name == "auto:cuda,triton,torch"
-    assert dispatch.implementation(name).route(None, 2, 1) == "cuda"
-    # measured torch first: the torch backend directly (it refuses no operands)
+    assert choose() == "cuda"
+    # measured torch first: the torch backend
     measured[w] = ("torch", "triton", "cuda")
-    assert dispatch.select(None, cuda, w) == "torch"
+    assert choose() == "torch"
     # an explicit backend ignores the table; CPU tensors are always torch under auto
-    assert dispatch.select("triton", cuda, w) == "triton"
-    assert dispatch.select(None, torch.device("cpu"), w) == "torch"
-    with pytest.raises(ValueError, match="auto:"):
-        dispatch.implementation("auto:cuda,nonsense")
+    assert choose("triton") == "triton"
+    assert choose(device=torch.device("cpu")) == "torch"
+    # a measured first choice that cannot run this call is passed over, for the next in order
+    measured[w] = ("cuda", "triton")
+    _fake_backends(monkeypatch, refused=("cuda",))
+    assert choose() == "triton"
+    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run moe_mlp on cuda tensors.*cuda: refused"):
+        choose("cuda")
 
 
 def test_workload_is_only_built_for_cuda_tensors():

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import types
 
 import oracle
 import pytest
@@ -481,30 +480,7 @@ def test_host_act_bias_grad_refuses_bad_arguments():
         ext.host_act_bias_grad([0.0] * 3, [0.0] * 4, [0, 2], 2, 1, 0)
 
 
-# ------------------------------------------------------------------------- auto falls back, cuda raises
-
-
-def test_auto_falls_back_on_unsupported_and_explicit_raises(monkeypatch):
-    calls = []
-
-    def route(logits, top_k, num_samples):
-        calls.append("cuda")
-        raise dispatch.Unsupported("cuda backend: fake refusal of these operands")
-
-    fake = types.SimpleNamespace(refusal=lambda d: None, route=route)
-    monkeypatch.setitem(dispatch._REGISTRY, "cuda", dispatch.Backend("cuda", lambda d: None, lambda: fake))
-    logits = torch.randn(6, 4)
-    got = dispatch.implementation("auto").route(logits, 2, 1)
-    want = reference.route(logits, 2, 1)
-    assert calls == ["cuda"]
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
-    with pytest.raises(RuntimeError, match="fake refusal"):
-        dispatch.implementation("cuda").route(logits, 2, 1)
-    # Flags are auto's first choice's: the fake cuda module has no FUSED_MOE, so auto is not fused.
-    assert getattr(dispatch.implementation("auto"), "FUSED_MOE", False) is False
-    fake.FLAG = 7
-    assert dispatch.implementation("auto").FLAG == 7
-    assert getattr(dispatch.implementation("auto"), "no_such_op", None) is None
+# -------------------------------------------------------------- refusals (choice: tests/test_contract.py)
 
 
 def test_unsupported_is_a_runtime_error_with_the_reason():

@@ -40,13 +40,12 @@ def layer_ids(x, gate_weight, top_k, backend):
     reduced-precision reductions round some logits otherwise than the fused kernel's float32
     accumulation, and where rounded logits tie the order differs: the first GPU run.)"""
     from cumo_kernels import dispatch
-    from cumo_kernels.ops.moe import backend_is_fused
 
     samples = x.shape[0] if x.dim() == 3 else 1
     x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
-    name = dispatch.select(backend, x.device)
+    name = dispatch.choose(backend, x.device, x.dtype, gate_weight.shape[0])
     with torch.no_grad():
-        if backend_is_fused(name):
+        if dispatch.composition(name) == "fused":
             return torch.ops.cumo.route_x(x2, gate_weight.detach().contiguous(), top_k, samples, name)[1]
         logits = F.linear(x2, gate_weight.detach())
         return cumo_kernels.route(logits, top_k, samples, backend=backend)[1]

@@ -1,5 +1,5 @@
 """Checks shared by the public ops (each error names the argument, what was given and what is
-accepted), and the lookup of an op's implementation in a backend."""
+accepted), and the autograd guards of the custom ops."""
 
 from __future__ import annotations
 
@@ -71,14 +71,6 @@ def check_activation(activation: object, allow_none: bool = False) -> None:
 def grad_or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """Incoming gradients, contiguous (an expanded one arrives from `y.sum().backward()`)."""
     return torch.zeros_like(like) if g is None else g.contiguous()
-
-
-def impl_or_twin(backend: str, name: str):
-    """Backend `backend`'s function `name`, or its torch twin in `cumo_kernels.reference` when the
-    backend module does not define it (optional ops: the fused ones, `expert_mlp`)."""
-    from .. import dispatch, reference
-
-    return getattr(dispatch.implementation(backend), name, None) or getattr(reference, name)
 
 
 # ----------------------------------------------------------------------- autograd modes per op

@@ -18,7 +18,6 @@ from ._common import (
     check_offsets_values,
     check_shape,
     guard_autograd,
-    impl_or_twin,
     refuse_double_backward,
     validation_wanted,
 )
@@ -94,7 +93,7 @@ def _expert_mlp(
 ) -> Tensor:
     """Inference only (no autograd formula: `moe_mlp` uses it only when no gradient is needed):
     x [M, in] grouped rows -> [M, out], act(x W1_e^T + b1_e) W2_e^T + b2_e per expert's rows."""
-    return impl_or_twin(backend, "expert_mlp")(x, w1, b1, w2, b2, offsets, activation)
+    return dispatch.op(backend, "expert_mlp")(x, w1, b1, w2, b2, offsets, activation)
 
 
 @_expert_mlp.register_fake
@@ -163,7 +162,7 @@ def grouped_linear(
         check_device(name_, t, x.device)
     if validation_wanted(validate, x.device):
         check_offsets_values(offsets, x.shape[0])
-    name = dispatch.select(backend, x.device)
+    name = dispatch.choose(backend, x.device, x.dtype, e, op="grouped_linear")
     b = None if bias is None else bias.contiguous()
     return _grouped_linear(x.contiguous(), weight.contiguous(), b, offsets.contiguous(), activation, name)[0]
 
@@ -183,7 +182,7 @@ def _grouped_linear_gather(
     save_pre: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    fn = impl_or_twin(backend, "grouped_linear_gather")
+    fn = dispatch.op(backend, "grouped_linear_gather")
     return tuple(fn(x, weight, bias, sort_idx, offsets, top_k, activation, save_pre))
 
 
@@ -206,7 +205,7 @@ def _grouped_linear_gather_backward(
     has_bias: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    fn = impl_or_twin(backend, "grouped_linear_gather_backward")
+    fn = dispatch.op(backend, "grouped_linear_gather_backward")
     gx, gw, gb = fn(grad_y, x, weight, sort_idx, offsets, pre, top_k, activation, has_bias)
     return gx, gw, (gb if gb is not None else weight.new_empty(0))
 
@@ -259,7 +258,7 @@ def _grouped_linear_combine(
     weights: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return tuple(impl_or_twin(backend, "grouped_linear_combine")(h, weight, bias, sort_idx, offsets, weights))
+    return tuple(dispatch.op(backend, "grouped_linear_combine")(h, weight, bias, sort_idx, offsets, weights))
 
 
 @_grouped_linear_combine.register_fake
@@ -280,7 +279,7 @@ def _grouped_linear_combine_backward(
     has_bias: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    fn = impl_or_twin(backend, "grouped_linear_combine_backward")
+    fn = dispatch.op(backend, "grouped_linear_combine_backward")
     gh, gw, gb, gwts = fn(grad_out, h, weight, sort_idx, offsets, weights, y_slot, has_bias)
     return gh, gw, (gb if gb is not None else weight.new_empty(0)), gwts
 

@@ -1,23 +1,16 @@
-"""`moe_mlp`: the whole MoE MLP block as a composition of the cumo ops.
+"""`moe_mlp`: the whole MoE MLP block, on one backend chosen at entry, as that backend's
+composition of the cumo ops (the contract, and each op's shapes: cumo_kernels.backend).
 
-The op table (each a `torch.library` custom op in the `cumo` namespace with a fake and autograd;
-backward ops are custom ops too, named `<op>_backward`):
-
-- cumo::route: logits [T,E] -> weights [T,k], expert_ids [T,k], prob_sums [B,E],
-  first_counts [B,E], z_sums [B]
-- cumo::permute: x [T,H], expert_ids [T,k] -> x_sorted [T*k,H], sort_idx [T*k], offsets [E+1]
-- cumo::grouped_linear: x [M,K], weight [E,N,K], bias [E,N]?, offsets -> y [M,N], pre [M,N] (or [0])
-- cumo::unpermute: y_sorted [T*k,N], sort_idx, weights [T,k] -> out [T,N]
-- cumo::expert_mlp: x_sorted, w1, b1?, w2, b2?, offsets -> y_sorted [T*k,out]; both expert layers,
-  inference only (no autograd): the CPU torch path uses it when no gradient is needed
-- cumo::aux_losses: prob_sums, first_counts, z_sums -> balance [], z [] (backward in plain torch)
-
-The router logits are `F.linear(x, gate_weight)` in the activation dtype, an ordinary autograd op.
-
-A backend module with `FUSED_MOE = True` (the triton backend) gets the fused composition
-(`fused_moe` below) instead: cumo::route_x (router GEMM + routing) -> cumo::sort_experts ->
-cumo::grouped_linear_gather (fc1 reading x through the sort order) -> cumo::grouped_linear_combine
-(fc2 + weighted combine) -> cumo::aux_losses.
+- "unfused" (the torch and cuda backends): the router logits `F.linear(x, gate_weight)` (an
+  ordinary autograd op) -> cumo::route -> cumo::permute -> cumo::grouped_linear (fc1, fc2) ->
+  cumo::unpermute; with the feature "expert_mlp" (the torch backend), inference on CPU tensors
+  runs both expert layers as one cumo::expert_mlp.
+- "fused" (the triton backend): cumo::route_x (router GEMM + routing) -> cumo::sort_experts ->
+  cumo::grouped_linear_gather (fc1 reading x through the sort order) ->
+  cumo::grouped_linear_combine (fc2 + weighted combine).
+Both end in cumo::aux_losses. Each op is a `torch.library` custom op in the `cumo` namespace with
+a fake and autograd (backward ops are custom ops too, named `<op>_backward`), given the chosen
+backend's name.
 """
 
 from __future__ import annotations
@@ -85,41 +78,61 @@ def _workload(x: Tensor, hidden: int, d_out: int, e: int, top_k: int, tensors: t
     )
 
 
-@torch.compiler.assume_constant_result
-def backend_is_fused(backend: str) -> bool:
-    """Whether backend module `backend` asks for the fused composition (`FUSED_MOE = True`); a
-    constant to torch.compile, which cannot trace the import of a backend module."""
-    return bool(getattr(dispatch.implementation(backend), "FUSED_MOE", False))
+def _weights(w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> tuple:
+    """The expert weights as the ops take them (contiguous; no copy when they already are)."""
+    return (
+        w1.contiguous(),
+        None if b1 is None else b1.contiguous(),
+        w2.contiguous(),
+        None if b2 is None else b2.contiguous(),
+    )
 
 
-def fused_moe(
-    x2: Tensor,
-    gate_weight: Tensor,
-    w1: Tensor,
-    b1: Tensor | None,
-    w2: Tensor,
-    b2: Tensor | None,
-    top_k: int,
-    activation: str,
-    samples: int,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The MoE block through the fused ops: (y [T, out], prob_sums, first_counts, z_sums).
+def _unfused(
+    x2: Tensor, gate_weight: Tensor, weights: tuple, top_k: int, activation: str, samples: int, backend: str
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """The unfused composition: (y [T, out], (prob_sums, first_counts, z_sums)).
 
-    x2 [T, in] (T > 0); the other arguments as `moe_mlp`'s, checked by it.
+    x2 [T, in] (T > 0); `weights` = _weights(w1, b1, w2, b2); the rest as `moe_mlp`'s, checked by it.
     """
+    w1, b1, w2, b2 = weights
+    logits = F.linear(x2, gate_weight)
+    probs, expert_ids, prob_sums, first_counts, z_sums = _route(logits, top_k, samples, backend)
+    x_sorted, sort_idx, offsets = _permute(x2.contiguous(), expert_ids, gate_weight.shape[0], backend)
+    if (
+        x2.device.type == "cpu"
+        and dispatch.has_feature(backend, "expert_mlp")
+        and not needs_grad(x2, gate_weight, w1, b1, w2, b2)
+    ):
+        # Inference on the CPU: both expert layers in one op, block by block, so the [T*k, hidden]
+        # activations never go to memory (that, not the GEMMs, was what separated this path from
+        # CuMo's loop in the forward).
+        y_sorted = _expert_mlp(x_sorted, w1, b1, w2, b2, offsets, activation, backend)
+    else:
+        h = _grouped_linear(x_sorted, w1, b1, offsets, activation, backend)[0]
+        y_sorted = _grouped_linear(h, w2, b2, offsets, "none", backend)[0]
+    return _unpermute(y_sorted, sort_idx, probs, backend), (prob_sums, first_counts, z_sums)
+
+
+def _fused(
+    x2: Tensor, gate_weight: Tensor, weights: tuple, top_k: int, activation: str, samples: int, backend: str
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """The fused composition: (y [T, out], (prob_sums, first_counts, z_sums)); arguments as
+    `_unfused`'s."""
+    w1, b1, w2, b2 = weights
     e = gate_weight.shape[0]
-    weights, expert_ids, prob_sums, first_counts, z_sums, _ = _route_x(
+    probs, expert_ids, prob_sums, first_counts, z_sums, _ = _route_x(
         x2, gate_weight.contiguous(), top_k, samples, backend
     )
     sort_idx, offsets = _sort_experts(expert_ids, e, backend)
-    b1c = None if b1 is None else b1.contiguous()
-    b2c = None if b2 is None else b2.contiguous()
     # The pre-activation is kept only when a backward through fc1 can follow (not in inference).
     save_pre = needs_grad(x2, w1, b1)
-    h, _ = _grouped_linear_gather(x2, w1.contiguous(), b1c, sort_idx, offsets, top_k, activation, save_pre, backend)
-    y, _ = _grouped_linear_combine(h, w2.contiguous(), b2c, sort_idx, offsets, weights, backend)
-    return y, prob_sums, first_counts, z_sums
+    h, _ = _grouped_linear_gather(x2, w1, b1, sort_idx, offsets, top_k, activation, save_pre, backend)
+    y, _ = _grouped_linear_combine(h, w2, b2, sort_idx, offsets, probs, backend)
+    return y, (prob_sums, first_counts, z_sums)
+
+
+_COMPOSITIONS = {"unfused": _unfused, "fused": _fused}
 
 
 def moe_mlp(
@@ -194,7 +207,10 @@ def moe_mlp(
             check_device(name, t, x.device)
     check_top_k(top_k, e)
     check_activation(activation)
-    name = dispatch.select(backend, x.device, _workload(x, hidden, d_out, e, top_k, (x, gate_weight, w1, b1, w2, b2)))
+    # One backend for the whole call, chosen here from every candidate's reasons.
+    name = dispatch.choose(
+        backend, x.device, x.dtype, e, workload=_workload(x, hidden, d_out, e, top_k, (x, gate_weight, w1, b1, w2, b2))
+    )
 
     lead = x.shape[:-1]
     samples = x.shape[0] if x.dim() == 3 else 1
@@ -208,30 +224,8 @@ def moe_mlp(
         y = x.new_zeros(*lead, d_out) + zero.to(x.dtype)
         return y, zero, zero.to(x.dtype) + 0
 
-    if backend_is_fused(name):
-        # The backend's fused ops (fused_moe): routing from x, gather-on-load, combine.
-        y, prob_sums, first_counts, z_sums = fused_moe(
-            x2.contiguous(), gate_weight, w1, b1, w2, b2, top_k, activation, samples, name
-        )
-        balance, z = _aux_losses(prob_sums, first_counts, z_sums, t // samples)
-        return _out(y, (*lead, d_out)), balance, z.to(x.dtype)
-    logits = F.linear(x2, gate_weight)
-    weights, expert_ids, prob_sums, first_counts, z_sums = _route(logits, top_k, samples, name)
-    x_sorted, sort_idx, offsets = _permute(x2.contiguous(), expert_ids, e, name)
-    if name == "torch" and x.device.type == "cpu" and not _needs_grad(x, gate_weight, w1, b1, w2, b2):
-        # Inference on the CPU: both expert layers in one op, block by block, so the [T*k, hidden]
-        # activations never go to memory (that, not the GEMMs, was what separated this path from
-        # CuMo's loop in the forward).
-        b1c = None if b1 is None else b1.contiguous()
-        b2c = None if b2 is None else b2.contiguous()
-        y_sorted = _expert_mlp(x_sorted, w1.contiguous(), b1c, w2.contiguous(), b2c, offsets, activation, name)
-        y = _unpermute(y_sorted, sort_idx, weights, name)
-        balance, z = _aux_losses(prob_sums, first_counts, z_sums, t // samples)
-        return _out(y, (*lead, d_out)), balance, z.to(x.dtype)
-    h = _grouped_linear(x_sorted, w1.contiguous(), None if b1 is None else b1.contiguous(), offsets, activation, name)[
-        0
-    ]
-    y_sorted = _grouped_linear(h, w2.contiguous(), None if b2 is None else b2.contiguous(), offsets, "none", name)[0]
-    y = _unpermute(y_sorted, sort_idx, weights, name)
-    balance, z = _aux_losses(prob_sums, first_counts, z_sums, t // samples)
+    y, stats = _COMPOSITIONS[dispatch.composition(name)](
+        x2, gate_weight, _weights(w1, b1, w2, b2), top_k, activation, samples, name
+    )
+    balance, z = _aux_losses(*stats, t // samples)
     return _out(y, (*lead, d_out)), balance, z.to(x.dtype)

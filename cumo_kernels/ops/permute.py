@@ -16,7 +16,6 @@ from ._common import (
     check_sort_idx_values,
     grad_or_zeros,
     guard_autograd,
-    impl_or_twin,
     refuse_double_backward,
     validation_wanted,
 )
@@ -104,7 +103,7 @@ def permute(
         raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
     if validation_wanted(validate, x.device):
         check_expert_ids_values(expert_ids, num_experts)
-    name = dispatch.select(backend, x.device)
+    name = dispatch.choose(backend, x.device, x.dtype, num_experts, op="permute")
     return _permute(x.contiguous(), expert_ids.contiguous(), num_experts, name)
 
 
@@ -182,7 +181,7 @@ def unpermute(
         check_device(name_, t, y_sorted.device)
     if validation_wanted(validate, y_sorted.device):
         check_sort_idx_values(sort_idx)
-    name = dispatch.select(backend, y_sorted.device)
+    name = dispatch.choose(backend, y_sorted.device, y_sorted.dtype, op="unpermute")
     return _unpermute(y_sorted.contiguous(), sort_idx.contiguous(), weights.contiguous(), name)
 
 
@@ -191,7 +190,7 @@ def unpermute(
 
 @torch.library.custom_op("cumo::sort_experts", mutates_args=())
 def _sort_experts(expert_ids: Tensor, num_experts: int, backend: str) -> tuple[Tensor, Tensor]:
-    return tuple(impl_or_twin(backend, "sort_experts")(expert_ids, num_experts))
+    return tuple(dispatch.op(backend, "sort_experts")(expert_ids, num_experts))
 
 
 @_sort_experts.register_fake

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ._common import check_float, check_top_k, grad_or_zeros, guard_autograd, impl_or_twin, refuse_double_backward
+from ._common import check_float, check_top_k, grad_or_zeros, guard_autograd, refuse_double_backward
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -98,7 +98,7 @@ def route(
     check_top_k(top_k, e)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1 or t % num_samples:
         raise ValueError(f"num_samples: expected a positive int dividing T={t}, got {num_samples!r}")
-    name = dispatch.select(backend, logits.device)
+    name = dispatch.choose(backend, logits.device, logits.dtype, e, op="route")
     return _route(logits.contiguous(), top_k, num_samples, name)
 
 
@@ -170,7 +170,7 @@ def aux_losses(
 def _route_x(
     x: Tensor, gate_weight: Tensor, top_k: int, num_samples: int, backend: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(impl_or_twin(backend, "route_x")(x, gate_weight, top_k, num_samples))
+    return tuple(dispatch.op(backend, "route_x")(x, gate_weight, top_k, num_samples))
 
 
 @_route_x.register_fake
@@ -198,7 +198,7 @@ def _route_x_backward(
     expert_ids: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    fn = impl_or_twin(backend, "route_x_backward")
+    fn = dispatch.op(backend, "route_x_backward")
     return tuple(fn(grad_weights, grad_prob_sums, grad_z_sums, x, gate_weight, logits, expert_ids))
 
 

@@ -11,6 +11,9 @@ The twins of the fused ops (`route_x`, `sort_experts`, `grouped_linear_gather`,
 its own composition; they exist for the fused custom ops' parity and opcheck tests.
 """
 
+import torch
+
+from ..backend import Call
 from .grouped_linear import (
     expert_mlp,
     grouped_linear,
@@ -23,7 +26,26 @@ from .grouped_linear import (
 from .permute import permute, permute_backward, sort_experts, unpermute, unpermute_backward
 from .routing import aux_losses, route, route_backward, route_x, route_x_backward
 
+COMPOSITION = "unfused"
+"""moe_mlp composes route -> permute -> grouped_linear (fc1, fc2) -> unpermute for this backend."""
+
+FEATURES = frozenset({"expert_mlp"})
+"""expert_mlp: both expert layers in one op, for inference on CPU tensors."""
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def not_supported_reasons(call: Call) -> list[str]:
+    """The torch backend runs any call of a floating dtype on any device."""
+    if call.dtype is not None and call.dtype not in _DTYPES:
+        return [f"the torch backend computes float32, float16, bfloat16 and float64, not {call.dtype}"]
+    return []
+
+
 __all__ = [
+    "COMPOSITION",
+    "FEATURES",
+    "not_supported_reasons",
     "aux_losses",
     "expert_mlp",
     "grouped_linear",

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 
-from ..dispatch import Unsupported
+from ..backend import Unsupported
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """True when this process runs Triton kernels in the interpreter (read at import, as Triton does)."""
@@ -27,8 +27,8 @@ ACT_CODES: dict[str, int] = {"none": 0, "quick_gelu": 1, "gelu": 2, "gelu_tanh":
 
 
 def check_dtype(name: str, t: torch.Tensor) -> None:
-    """Refuse (before any launch) a dtype the kernels do not compute: `Unsupported`, so that
-    backend="auto" runs the op on the next backend."""
+    """Refuse (before any launch) a dtype the kernels do not compute: `Unsupported` (a call that
+    chose this backend by its `not_supported_reasons` never gets here)."""
     if t.dtype not in SUPPORTED:
         raise Unsupported(
             f"{name}: the triton backend computes float32, float16 and bfloat16, got {t.dtype}; "
