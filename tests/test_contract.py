@@ -223,3 +223,38 @@ def test_cuda_reasons_without_a_device(monkeypatch):
     assert len(layer) == 2 and "float64" in layer[0] and "route takes at most 64 experts" in layer[1]
     assert cb.not_supported_reasons(Call(dev, torch.float32, 100, op="permute")) == []
     assert "permute takes at most 4096" in cb.not_supported_reasons(Call(dev, torch.float32, 5000, op="permute"))[0]
+
+
+# ------------------------------------------------------------------------------- the routing record
+
+
+def test_routing_record_checks_its_invariants():
+    """The record the compositions pass between the ops states its shapes and dtypes and checks
+    them where it is built (metadata only: it works on fake tensors, under torch.compile)."""
+    from cumo_kernels.ops.routing import Routing
+
+    t, k, e = 5, 2, 3
+    good = dict(
+        weights=torch.rand(t, k),
+        expert_ids=torch.zeros(t, k, dtype=torch.int64),
+        sort_idx=torch.arange(t * k),
+        offsets=torch.zeros(e + 1, dtype=torch.int64),
+        top_k=k,
+        num_experts=e,
+    )
+    r = Routing(**good)
+    assert r.sort_idx.shape == (t * k,) and r.num_experts == e
+    for field, bad in (
+        ("weights", torch.rand(t, k + 1)),
+        ("expert_ids", torch.zeros(t, k, dtype=torch.int32)),
+        ("sort_idx", torch.arange(t * k - 1)),
+        ("offsets", torch.zeros(e, dtype=torch.int64)),
+        ("top_k", k + 1),
+        ("num_experts", e + 1),
+    ):
+        with pytest.raises(ValueError, match=r"Routing: expected weights \[T, k=\d+\]"):
+            Routing(**(good | {field: bad}))
+    mode = torch._subclasses.fake_tensor.FakeTensorMode()
+    fake = {n: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for n, v in good.items()}
+    with mode:
+        Routing(**fake)

@@ -10,7 +10,7 @@ composition of the cumo ops (the contract, and each op's shapes: cumo_kernels.ba
   cumo::grouped_linear_combine (fc2 + weighted combine).
 Both end in cumo::aux_losses. Each op is a `torch.library` custom op in the `cumo` namespace with
 a fake and autograd (backward ops are custom ops too, named `<op>_backward`), given the chosen
-backend's name.
+backend's name. Between the ops the routing travels as one `Routing` record.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .. import dispatch, tuning
 from ._common import check_activation, check_device, check_float, check_shape, check_top_k, needs_grad
 from .grouped_linear import _expert_mlp, _grouped_linear, _grouped_linear_combine, _grouped_linear_gather
 from .permute import _permute, _sort_experts, _unpermute
-from .routing import _aux_losses, _route, _route_x
+from .routing import Routing, _aux_losses, _route, _route_x
 
 # What torch.autocast casts (its "eligible" tensors): float32, float16 and bfloat16, never float64.
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
@@ -99,6 +99,7 @@ def _unfused(
     logits = F.linear(x2, gate_weight)
     probs, expert_ids, prob_sums, first_counts, z_sums = _route(logits, top_k, samples, backend)
     x_sorted, sort_idx, offsets = _permute(x2.contiguous(), expert_ids, gate_weight.shape[0], backend)
+    routing = Routing(probs, expert_ids, sort_idx, offsets, top_k, gate_weight.shape[0])
     if (
         x2.device.type == "cpu"
         and dispatch.has_feature(backend, "expert_mlp")
@@ -107,11 +108,11 @@ def _unfused(
         # Inference on the CPU: both expert layers in one op, block by block, so the [T*k, hidden]
         # activations never go to memory (that, not the GEMMs, was what separated this path from
         # CuMo's loop in the forward).
-        y_sorted = _expert_mlp(x_sorted, w1, b1, w2, b2, offsets, activation, backend)
+        y_sorted = _expert_mlp(x_sorted, w1, b1, w2, b2, routing.offsets, activation, backend)
     else:
-        h = _grouped_linear(x_sorted, w1, b1, offsets, activation, backend)[0]
-        y_sorted = _grouped_linear(h, w2, b2, offsets, "none", backend)[0]
-    return _unpermute(y_sorted, sort_idx, probs, backend), (prob_sums, first_counts, z_sums)
+        h = _grouped_linear(x_sorted, w1, b1, routing.offsets, activation, backend)[0]
+        y_sorted = _grouped_linear(h, w2, b2, routing.offsets, "none", backend)[0]
+    return _unpermute(y_sorted, routing.sort_idx, routing.weights, backend), (prob_sums, first_counts, z_sums)
 
 
 def _fused(
@@ -125,10 +126,13 @@ def _fused(
         x2, gate_weight.contiguous(), top_k, samples, backend
     )
     sort_idx, offsets = _sort_experts(expert_ids, e, backend)
+    routing = Routing(probs, expert_ids, sort_idx, offsets, top_k, e)
     # The pre-activation is kept only when a backward through fc1 can follow (not in inference).
     save_pre = needs_grad(x2, w1, b1)
-    h, _ = _grouped_linear_gather(x2, w1, b1, sort_idx, offsets, top_k, activation, save_pre, backend)
-    y, _ = _grouped_linear_combine(h, w2, b2, sort_idx, offsets, probs, backend)
+    h, _ = _grouped_linear_gather(
+        x2, w1, b1, routing.sort_idx, routing.offsets, routing.top_k, activation, save_pre, backend
+    )
+    y, _ = _grouped_linear_combine(h, w2, b2, routing.sort_idx, routing.offsets, routing.weights, backend)
     return y, (prob_sums, first_counts, z_sums)
 
 

@@ -4,11 +4,57 @@ fused composition), and `cumo::aux_losses`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from .. import dispatch
 from ._common import check_float, check_top_k, grad_or_zeros, guard_autograd, refuse_double_backward
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One layer call's routing, as it travels between the ops above the custom-op boundary (the
+    custom ops take its fields as tensors and ints: torch.library ops cannot take a record).
+
+    weights: [T, k], the activation dtype: each token's renormalised top-k probabilities.
+    expert_ids: [T, k] int64: each slot t*k+j's expert, by descending probability; an id >= E is
+        a dropped slot (it belongs to no expert).
+    sort_idx: [T*k] int64: the slots in grouped order (by expert, stable; dropped slots last).
+    offsets: [E+1] int64: expert e's grouped rows are offsets[e]:offsets[e+1]; offsets[0] = 0,
+        non-decreasing, offsets[E] <= T*k.
+    top_k: k >= 1. num_experts: E >= 1.
+
+    Built once per call from the routing and sort ops' outputs; its shapes and dtypes are checked
+    there (metadata only: no host sync; the values are the ops' own, see `cumo_kernels.ops`
+    "Index inputs" for validating a caller's).
+    """
+
+    weights: Tensor
+    expert_ids: Tensor
+    sort_idx: Tensor
+    offsets: Tensor
+    top_k: int
+    num_experts: int
+
+    def __post_init__(self) -> None:
+        t, k, e = self.weights.shape[0], self.top_k, self.num_experts
+        if (
+            self.weights.shape != (t, k)
+            or self.expert_ids.shape != (t, k)
+            or self.sort_idx.shape != (t * k,)
+            or self.offsets.shape != (e + 1,)
+            or self.expert_ids.dtype != torch.int64
+            or self.sort_idx.dtype != torch.int64
+            or self.offsets.dtype != torch.int64
+        ):
+            raise ValueError(
+                f"Routing: expected weights [T, k={k}], expert_ids [T, k] int64, sort_idx [T*k] int64, "
+                f"offsets [E+1={e + 1}] int64, got {list(self.weights.shape)}, {self.expert_ids.dtype} "
+                f"{list(self.expert_ids.shape)}, {self.sort_idx.dtype} {list(self.sort_idx.shape)}, "
+                f"{self.offsets.dtype} {list(self.offsets.shape)}"
+            )
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
