@@ -186,33 +186,35 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg[0] if msg else ''}"[:300]
 
 
-def run(args: argparse.Namespace) -> int:
-    t_start = time.monotonic()
+def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype] | None:
+    """The device (CUDA with its index) and dtype asked for; None (after saying why) when the
+    device asked for is not here."""
     if args.device:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             print("--device cuda: no CUDA device is available here", file=sys.stderr)
-            return 2
+            return None
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def _passes(args: argparse.Namespace) -> list[str]:
     passes = [p.strip() for p in args.passes.split(",") if p.strip()]
     bad = [p for p in passes if p not in PASSES]
     if bad:
         raise SystemExit(f"--passes: unknown {', '.join(bad)}; accepted: {', '.join(PASSES)}")
-    shapes = _shapes(args, device)
-    wanted = [p.strip() for p in args.providers.split(",")] if args.providers else None
-    provs, left_out = providers_for(device, wanted)
-    if device.type == "cpu":
-        print(
-            f"No CUDA device in use: running the CPU path ({str(dtype).removeprefix('torch.')}, "
-            f"{torch.get_num_threads()} threads, time.perf_counter median of {args.reps} runs after warm-up). "
-            "GPU figures need a GPU: run benchmarks/gpu_suite.sh on a lent device (benchmarks/README.md)."
-        )
-    for name, why in left_out:
-        print(f"provider {name}: not run ({why})")
+    return passes
+
+
+def _document(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, left_out: list[tuple[str, str]]
+) -> dict[str, Any]:
+    """The result document before any measurement: device, versions, commit, method, the test and
+    sanitizer records given."""
     commit, dirty = _git_commit()
     vers = _versions()
     doc: dict[str, Any] = {
@@ -264,12 +266,10 @@ def run(args: argparse.Namespace) -> int:
     if args.sanitizer_json:
         with open(args.sanitizer_json) as fh:
             doc["sanitizer"] = json.load(fh)
+    return doc
 
-    def save() -> None:
-        if args.out:
-            report.add_ratios(doc["results"])
-            report.write_json(doc, args.out)
 
+def _measure_ceilings(doc: dict[str, Any], args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
     if not args.no_ceilings:
         try:
             tf, how = matmul_tflops(device, dtype, reps=args.reps)
@@ -280,42 +280,124 @@ def run(args: argparse.Namespace) -> int:
             print(f"ceilings: not measured ({_first_line(exc)})")
     if device.type == "cpu":
         doc["ceilings"]["note"] = "on CPU the ceiling to compare against is the dense provider (frac_dense)"
-    save()
 
-    runnable = [s for s in shapes if not s.unsupported]
-    total = len(runnable) * len(passes) * len(provs)
-    bar = report.Progress(total)
-    elem = torch.empty(0, dtype=dtype).element_size()
-    for shape in shapes:
+
+def _shape_info(shape: Shape, elem: int, ceilings: dict[str, Any]) -> dict[str, Any]:
+    """The shape's entry of the document: its dims, FLOPs, minimal bytes and, with the ceilings
+    measured, its floors."""
+    info: dict[str, Any] = {
+        "describe": shape.describe(),
+        "tokens": shape.tokens,
+        "samples": shape.samples,
+        "in": shape.d_in,
+        "hidden": shape.hidden,
+        "out": shape.d_out,
+        "experts": shape.experts,
+        "top_k": shape.top_k,
+        "activation": shape.activation,
+        "flops_fwd": shape.flops("fwd"),
+        "min_bytes_fwd": shape.min_bytes(elem),
+        "route_bytes": float(
+            (shape.tokens * shape.d_in + shape.experts * shape.d_in) * elem + shape.tokens * shape.top_k * (elem + 8)
+        ),
+    }
+    c = ceilings
+    if c.get("matmul_tflops") and c.get("copy_gbps"):
+        info["floors"] = {
+            "flops_ms": info["flops_fwd"] / (c["matmul_tflops"] * 1e12) * 1e3,
+            "bytes_ms": info["min_bytes_fwd"] / (c["copy_gbps"] * 1e9) * 1e3,
+            "route_bytes_ms": info["route_bytes"] / (c["copy_gbps"] * 1e9) * 1e3,
+        }
+    return info
+
+
+def _skip(doc: dict[str, Any], bar: report.Progress, label: str, skip: dict[str, Any], why: str) -> None:
+    bar.step(label + " (skipped)")
+    print(f"\n{label}: skipped ({why})" if bar.tty else f"{label}: skipped ({why})", file=sys.stderr)
+    doc["skipped"].append({**skip, "reason": why})
+
+
+class _Run:
+    """One benchmark run's state: its arguments, device, result document and progress bar."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        device: torch.device,
+        dtype: torch.dtype,
+        doc: dict[str, Any],
+        bar: report.Progress,
+        t_start: float,
+    ):
+        self.args, self.device, self.dtype, self.doc, self.bar, self.t_start = args, device, dtype, doc, bar, t_start
+
+    def save(self) -> None:
+        if self.args.out:
+            report.add_ratios(self.doc["results"])
+            report.write_json(self.doc, self.args.out)
+
+    def prepare(self, provs: list, shape: Shape, inp: Inputs, pass_: str, ref: torch.Tensor | None) -> list:
+        """Every provider of this (shape, pass) made ready and warmed up (its output checked
+        against the loop's), or recorded as skipped with the reason."""
+        args, doc, bar = self.args, self.doc, self.bar
+        ready: list[tuple[Any, Any, dict[str, Any], float | None]] = []
+        for prov in provs:
+            label = f"{shape.name} {pass_} {prov.name}"
+            skip = {"shape": shape.name, "pass": pass_, "provider": prov.name}
+            if args.time_budget is not None and time.monotonic() - self.t_start > args.time_budget:
+                doc["skipped"].append({**skip, "reason": f"time budget of {args.time_budget:g} s spent"})
+                bar.step(label + " (time budget spent)")
+                continue
+            why = prov.refusal(shape, self.device, self.dtype)
+            if why is None:
+                try:
+                    fn = make_call(prov, shape, inp, pass_)
+                    out = fn()  # warm-up (and the output checked below)
+                    sync(self.device)
+                    err = None
+                    if pass_ == "fwd" and ref is not None and not prov.is_dense:
+                        err = _rel_err(out[0], ref)  # type: ignore[index]
+                    del out
+                except Exception as exc:
+                    why = _first_line(exc)
+            if why is not None:
+                _skip(doc, bar, label, skip, why)
+                continue
+            ready.append((prov, fn, skip, err))
+        return ready
+
+    def time(self, ready: list, shape: Shape, pass_: str) -> None:
+        """Time the ready providers (on the CPU interleaved round-robin, rotating the order each
+        round, so that load from other processes falls on every provider alike) and record rows."""
+        args, device, doc, bar = self.args, self.device, self.doc, self.bar
+        if device.type == "cpu":
+            all_ms = bench_interleaved([fn for _, fn, _, _ in ready], reps=args.reps)
+        for i, (prov, fn, skip, err) in enumerate(ready):
+            label = f"{shape.name} {pass_} {prov.name}"
+            try:
+                ms = all_ms[i] if device.type == "cpu" else bench_ms(fn, device, reps=args.reps, rep_ms=args.rep_ms)
+                mem = peak_mem_gib(fn, device)
+            except Exception as exc:
+                _skip(doc, bar, label, skip, _first_line(exc))
+                continue
+            row = {**skip, "ms": ms, "tflops": shape.flops(pass_) / (ms * 1e-3) / 1e12, "peak_mem_gib": mem}
+            if err is not None:
+                row["rel_err_vs_loop"] = err
+            doc["results"].append(row)
+            self.save()
+            bar.step(label)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def shape(self, shape: Shape, provs: list, passes: list[str]) -> None:
+        """Every pass of one shape: its document entry, inputs, the loop's reference output, and
+        each pass's providers prepared, then timed."""
+        args, device, dtype, doc = self.args, self.device, self.dtype, self.doc
         if shape.unsupported:
             print(f"shape {shape.name}: skipped ({shape.unsupported})")
             doc["skipped"].append({"shape": shape.name, "pass": "-", "provider": "-", "reason": shape.unsupported})
-            continue
-        info: dict[str, Any] = {
-            "describe": shape.describe(),
-            "tokens": shape.tokens,
-            "samples": shape.samples,
-            "in": shape.d_in,
-            "hidden": shape.hidden,
-            "out": shape.d_out,
-            "experts": shape.experts,
-            "top_k": shape.top_k,
-            "activation": shape.activation,
-            "flops_fwd": shape.flops("fwd"),
-            "min_bytes_fwd": shape.min_bytes(elem),
-            "route_bytes": float(
-                (shape.tokens * shape.d_in + shape.experts * shape.d_in) * elem
-                + shape.tokens * shape.top_k * (elem + 8)
-            ),
-        }
-        c = doc["ceilings"]
-        if c.get("matmul_tflops") and c.get("copy_gbps"):
-            info["floors"] = {
-                "flops_ms": info["flops_fwd"] / (c["matmul_tflops"] * 1e12) * 1e3,
-                "bytes_ms": info["min_bytes_fwd"] / (c["copy_gbps"] * 1e9) * 1e3,
-                "route_bytes_ms": info["route_bytes"] / (c["copy_gbps"] * 1e9) * 1e3,
-            }
-        doc["shapes"][shape.name] = info
+            return
+        doc["shapes"][shape.name] = _shape_info(shape, torch.empty(0, dtype=dtype).element_size(), doc["ceilings"])
         inp: Inputs = make_inputs(shape, dtype, device, seed=args.seed)
         ref = None
         if not args.no_check:
@@ -325,60 +407,8 @@ def run(args: argparse.Namespace) -> int:
             except Exception as exc:
                 print(f"{shape.name}: no cumo-loop reference for the error column ({_first_line(exc)})")
         for pass_ in passes:
-            # Prepare (and warm up) every provider of this (shape, pass), then time them. On the CPU
-            # the timed runs are interleaved round-robin (rotating the order each round), so that
-            # load from other processes falls on every provider alike rather than on whichever
-            # happened to run during it.
-            ready: list[tuple[Any, Any, dict[str, Any], float | None]] = []
-            for prov in provs:
-                label = f"{shape.name} {pass_} {prov.name}"
-                skip = {"shape": shape.name, "pass": pass_, "provider": prov.name}
-                if args.time_budget is not None and time.monotonic() - t_start > args.time_budget:
-                    doc["skipped"].append({**skip, "reason": f"time budget of {args.time_budget:g} s spent"})
-                    bar.step(label + " (time budget spent)")
-                    continue
-                why = prov.refusal(shape, device, dtype)
-                if why is None:
-                    try:
-                        fn = make_call(prov, shape, inp, pass_)
-                        out = fn()  # warm-up (and the output checked below)
-                        sync(device)
-                        err = None
-                        if pass_ == "fwd" and ref is not None and not prov.is_dense:
-                            err = _rel_err(out[0], ref)  # type: ignore[index]
-                        del out
-                    except Exception as exc:
-                        why = _first_line(exc)
-                if why is not None:
-                    bar.step(label + " (skipped)")
-                    print(f"\n{label}: skipped ({why})" if bar.tty else f"{label}: skipped ({why})", file=sys.stderr)
-                    doc["skipped"].append({**skip, "reason": why})
-                    continue
-                ready.append((prov, fn, skip, err))
-            if device.type == "cpu":
-                all_ms = bench_interleaved([fn for _, fn, _, _ in ready], reps=args.reps)
-            for i, (prov, fn, skip, err) in enumerate(ready):
-                label = f"{shape.name} {pass_} {prov.name}"
-                try:
-                    if device.type == "cpu":
-                        ms = all_ms[i]
-                    else:
-                        ms = bench_ms(fn, device, reps=args.reps, rep_ms=args.rep_ms)
-                    mem = peak_mem_gib(fn, device)
-                except Exception as exc:
-                    why = _first_line(exc)
-                    bar.step(label + " (skipped)")
-                    print(f"\n{label}: skipped ({why})" if bar.tty else f"{label}: skipped ({why})", file=sys.stderr)
-                    doc["skipped"].append({**skip, "reason": why})
-                    continue
-                row = {**skip, "ms": ms, "tflops": shape.flops(pass_) / (ms * 1e-3) / 1e12, "peak_mem_gib": mem}
-                if err is not None:
-                    row["rel_err_vs_loop"] = err
-                doc["results"].append(row)
-                save()
-                bar.step(label)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            ready = self.prepare(provs, shape, inp, pass_, ref)
+            self.time(ready, shape, pass_)
             del ready
         if args.plot and device.type == "cuda":
             report.plot(doc, args.plot)  # after every shape: a run cut off still returns its plot
@@ -387,20 +417,52 @@ def run(args: argparse.Namespace) -> int:
         del inp, ref
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    bar.close()
-    doc["complete"] = True
-    doc["wall_s"] = round(time.monotonic() - t_start, 1)
-    report.add_ratios(doc["results"])
-    save()
-    print(report.table(doc))
-    problems = schema.validate(doc)
-    if problems:
-        print("result JSON has schema problems:\n  " + "\n  ".join(problems))
-    if args.out:
-        print(f"wrote {args.out}")
-    if args.plot:
-        why = report.plot(doc, args.plot)
-        print(f"plot skipped: {why}" if why else f"wrote {args.plot}")
+
+    def finish(self) -> None:
+        args, doc = self.args, self.doc
+        self.bar.close()
+        doc["complete"] = True
+        doc["wall_s"] = round(time.monotonic() - self.t_start, 1)
+        report.add_ratios(doc["results"])
+        self.save()
+        print(report.table(doc))
+        problems = schema.validate(doc)
+        if problems:
+            print("result JSON has schema problems:\n  " + "\n  ".join(problems))
+        if args.out:
+            print(f"wrote {args.out}")
+        if args.plot:
+            why = report.plot(doc, args.plot)
+            print(f"plot skipped: {why}" if why else f"wrote {args.plot}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The benchmark run `args` asks for: the document, the ceilings, then shape by shape."""
+    t_start = time.monotonic()
+    picked = _device_and_dtype(args)
+    if picked is None:
+        return 2
+    device, dtype = picked
+    passes = _passes(args)
+    shapes = _shapes(args, device)
+    wanted = [p.strip() for p in args.providers.split(",")] if args.providers else None
+    provs, left_out = providers_for(device, wanted)
+    if device.type == "cpu":
+        print(
+            f"No CUDA device in use: running the CPU path ({str(dtype).removeprefix('torch.')}, "
+            f"{torch.get_num_threads()} threads, time.perf_counter median of {args.reps} runs after warm-up). "
+            "GPU figures need a GPU: run benchmarks/gpu_suite.sh on a lent device (benchmarks/README.md)."
+        )
+    for name, why in left_out:
+        print(f"provider {name}: not run ({why})")
+    doc = _document(args, device, dtype, left_out)
+    _measure_ceilings(doc, args, device, dtype)
+    bar = report.Progress(len([s for s in shapes if not s.unsupported]) * len(passes) * len(provs))
+    state = _Run(args, device, dtype, doc, bar, t_start)
+    state.save()
+    for shape in shapes:
+        state.shape(shape, provs, passes)
+    state.finish()
     return 0
 
 
