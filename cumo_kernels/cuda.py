@@ -121,7 +121,7 @@ _ARCH_REFUSALS: dict[int, str | None] = {}
 def _arch_refusal(index: int) -> str | None:
     """None when this build holds kernels that run on CUDA device `index`, else why not (cached:
     a device's capability does not change). Without it every launch would fail with "no kernel
-    image is available", a RuntimeError that `auto` cannot fall back from."""
+    image is available" at the first launch, after `auto` had chosen this backend."""
     if index not in _ARCH_REFUSALS:
         archs = built_archs()
         major, minor = torch.cuda.get_device_capability(index)

@@ -33,7 +33,13 @@ _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 def _autocast(tensors: list[Tensor | None], device_type: str) -> list[Tensor | None]:
     """Under torch.autocast the block behaves like the nn.Linear layers it replaces: floating
-    inputs are cast to the autocast dtype, except float64 ones, which autocast leaves alone."""
+    inputs are cast to the autocast dtype, except float64 ones, which autocast leaves alone.
+
+    Not `torch.library.register_autocast` on each op (DESIGN.md asks for it): that casts to a
+    dtype fixed when the op is registered, while `torch.autocast(device, dtype=...)` picks float16
+    or bfloat16 per region; and casting at the layer's entry keeps the layer's own checks (one
+    dtype for x and every weight) and CuMo's float32 statistics as they are. benchmarks/NOTES.md,
+    issue 20."""
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         return [t.to(dtype) if t is not None and t.dtype in _AUTOCAST_ELIGIBLE else t for t in tensors]

@@ -155,9 +155,8 @@ def grouped_linear(
 # backward, its derivative) then runs on a block the GEMM has just written, while it is still in
 # the cache, and inference never holds the whole [M, hidden] tensor. Each block re-reads its
 # expert's weights, so blocks are as large as the cache allows (half the 32 MiB L3 of the machines
-# we measure on) and an expert's rows are split evenly (no small remainder block). Measured on the
-# CPU (2 cores, fp32): whole-tensor quick_gelu plus the page faults of two fresh [M, hidden]
-# tensors cost 0.2-0.3 s of clip-infer's 1.45 s forward.
+# we measure on) and an expert's rows are split evenly (no small remainder block). What the whole-
+# tensor activation and its page faults cost: benchmarks/NOTES.md, "CPU path".
 _BLOCK_BYTES = 16 << 20
 
 
@@ -167,10 +166,10 @@ def _row_block(n: int, dtype: torch.dtype) -> int:
 
 # On the other strategies (CUDA) the activation and its derivative run on row chunks of at most
 # this many elements. On whole [M, hidden] tensors their float32 temporaries (up to four at once
-# for quick_gelu's derivative, each twice the size of the bf16 tensor) made the torch backend's
-# fwd+bwd peak memory 2.6x the grouped_mm pipeline's at clip-train (benchmarks/peak_memory.py,
-# NOTES.md); per chunk they are at most 4 x 16 MiB. Chunks are fixed row ranges: no row counts
-# on the host, no sync.
+# for quick_gelu's derivative, each twice the size of the bf16 tensor) raised the torch backend's
+# fwd+bwd peak memory well above the grouped_mm pipeline's (measured: benchmarks/NOTES.md, "the
+# torch backend's CUDA strategies held four float32 [T*k, hidden] temporaries"); per chunk they
+# are at most 4 x 16 MiB. Chunks are fixed row ranges: no row counts on the host, no sync.
 _CHUNK_ELEMS = 1 << 22
 
 
