@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import types
 
 import pytest
@@ -258,3 +259,31 @@ def test_routing_record_checks_its_invariants():
     fake = {n: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for n, v in good.items()}
     with mode:
         Routing(**fake)
+
+
+# ------------------------------------------------------------------------------ the path, measured
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") != "1", reason="runs the triton backend on CPU tensors in its interpreter"
+)
+def test_triton_call_path_from_the_module_to_the_fc1_kernel():
+    """DESIGN.md's "One op's path" read off the stack at the fc1 launch (benchmarks.call_path):
+    module -> function (the choice, once) -> cumo:: op -> backend function -> launcher -> kernel,
+    each op family in its own file, no dispatcher frame on the way and no import on the call."""
+    from benchmarks import call_path
+
+    m = call_path.measure("cpu")
+    assert m["kernel"] == "_grouped_linear_kernel"
+    hops = [(f, n) for f, n in m["stack"] if not f.endswith("_common.py")]  # the op's and launcher's guards
+    assert hops == [
+        ("cumo_kernels/nn.py", "forward"),
+        ("cumo_kernels/ops/moe.py", "moe_mlp"),
+        ("cumo_kernels/ops/moe.py", "_fused"),
+        ("cumo_kernels/ops/grouped_linear.py", "_grouped_linear_gather"),
+        ("cumo_kernels/triton/grouped_linear.py", "grouped_linear_gather"),
+        ("cumo_kernels/triton/grouped_linear.py", "launch_grouped_linear"),
+    ]
+    dispatched = [n for f, n in m["entered"] if f.endswith("dispatch.py")]
+    assert dispatched.count("_choose") == 1 and dispatched.count("reasons") == 1, dispatched
+    assert "module" not in dispatched, "a backend module was imported during the call"
