@@ -53,9 +53,34 @@ def unstack(sd: dict[str, Any], prefix: str, names: tuple[str, str], num_experts
         for s in STACKED
         if prefix + s in sd and _is_stack(sd[prefix + s], 3 if s[0] == "w" else 2, num_experts)
     }
-    for e in range(num_experts):
-        for s, t in stacked.items():
-            sd[prefix + expert_key(names, e, s)] = t[e]
+    for s, t in stacked.items():
+        for e, v in _experts_here(t, prefix + s):
+            sd[prefix + expert_key(names, e, s)] = v
+
+
+def _experts_here(t: Any, name: str) -> list[tuple[int, Any]]:
+    """(e, expert e's slice) for every expert of the stack `t` that this process holds: all of them for
+    a tensor (views); for a DTensor sharded along the expert dimension (FSDP2, ExpertParallel, both)
+    the experts of the local shard, as views of it. torch.distributed.checkpoint then saves each
+    expert's key from the rank that holds it (plain tensors: one writer per key) and loads it in
+    place into the shard."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without torch.distributed
+        DTensor = ()  # noqa: N806
+    if not isinstance(t, DTensor):
+        return [(e, t[e]) for e in range(t.shape[0])]
+    local = t.to_local()
+    if local.numel() == 0:
+        return []
+    (chunk,) = t.__create_chunk_list__()  # this rank's block: offsets and sizes in the global tensor
+    if any(chunk.offsets[1:]) or tuple(chunk.sizes[1:]) != tuple(t.shape[1:]):
+        raise ValueError(
+            f"{name}: a DTensor split inside an expert (placements {t.placements}, local block at "
+            f"{list(chunk.offsets)} of size {list(chunk.sizes)}): CuMo's per-expert keys need whole experts on "
+            "each rank; shard the stacked parameters along dim 0 (FSDP2's default) or save their stacked names"
+        )
+    return [(chunk.offsets[0] + i, local[i]) for i in range(chunk.sizes[0])]
 
 
 def _is_stack(t: Any, dim: int, num_experts: int) -> bool:

@@ -69,13 +69,17 @@ class MoEMLP(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """nn.Linear's initialisation, expert by expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-        for weights (kaiming_uniform with a=sqrt(5)) and biases."""
+        """nn.Linear's initialisation of each expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights
+        (kaiming_uniform with a=sqrt(5)) and biases.
+
+        One `uniform_` per stacked tensor, not one `kaiming_uniform_` per expert slice: the same
+        values on the CPU (the same draws in the same order), and it also initialises a DTensor
+        (FSDP2's or ExpertParallel's shards after `to_empty`), where indexing an expert gives a
+        copy that the per-expert calls filled instead of the parameter."""
         self.gate.reset_parameters()
         for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
             bound = 1.0 / math.sqrt(w.shape[2])
-            for e in range(self.num_experts):
-                nn.init.kaiming_uniform_(w[e], a=math.sqrt(5))
+            nn.init.uniform_(w, -bound, bound)
             if b is not None:
                 nn.init.uniform_(b, -bound, bound)
 
