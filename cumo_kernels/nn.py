@@ -83,7 +83,14 @@ class MoEMLP(nn.Module):
             if b is not None:
                 nn.init.uniform_(b, -bound, bound)
 
+    # Set by `cumo_kernels.distributed.ExpertParallel` (then forward runs the expert-parallel path: the
+    # experts are DTensor shards, tokens cross ranks). A check here, not a replaced forward, so that a
+    # subclass's own forward (cumo's MLPMoE) still runs around it.
+    _expert_parallel = None
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self._expert_parallel is not None:
+            return self._expert_parallel.forward(self, x)
         return moe_mlp(
             x,
             self.gate.weight,
