@@ -32,17 +32,24 @@ What it does to an `MoEMLP` (or a subclass: `cumo.MLPMoE`, `cumo.CLIPMoEMLP`) ov
      balance and z losses of this rank's samples.
   The backward runs the same path in reverse (the all-to-alls' adjoints are all-to-alls).
 
-Gradients after `backward()` of each rank's own loss L_r: the expert shards hold the gradient of
-sum_r L_r (token rows from every rank reach them); `gate.weight` holds that of L_r alone. A
-data-parallel wrapper that averages over D ranks makes the gate's (1/D) sum_r; give the experts the
-same factor: with FSDP2 on a (dp, ep) mesh, `fully_shard(layer, mesh=mesh["dp"])` then
-`layer.set_gradient_divide_factor(dp * ep)` (what torchtitan does for its experts); without a
-wrapper, divide the expert gradients by the number of data ranks yourself.
+Gradients after each rank's `backward()` of its own loss L_r: `gate.weight` holds the gradient of L_r
+(a replicated parameter: the data-parallel wrapper that runs over these ranks, FSDP2 or DDP,
+averages it like any other); the expert shards hold the mean over the R ranks of the gradients of
+their L_r, (1/R) sum_r dL_r/dw (token rows of every rank reach them; the backward divides by R), which
+is what a data-parallel average would give them if they were replicated. So nothing else divides
+them: FSDP2 over a `dp` mesh dimension on top averages over dp and the result is the mean over all
+dp x ep data ranks, with no `set_gradient_divide_factor` (torchtitan's experts take one because
+its expert parallelism sums instead). A training loop that sums gradients over data ranks instead of
+averaging multiplies the expert gradients by R.
 
 Composition with FSDP2 over a 2-D (dp, ep) mesh, as torchtitan composes them (README, "Training at
 scale"): ExpertParallel over `mesh["ep"]`, then `fully_shard(layer.gate, mesh=<all data ranks>)`,
-`fully_shard(layer, mesh=mesh["dp"])` (the experts: FSDP shards each rank's expert shard further
-over dp) and the divide factor above, then FSDP2 on the rest of the model over all data ranks.
+`fully_shard(layer, mesh=mesh["dp"])` (the experts: FSDP2 shards each rank's expert shard further
+over dp), then FSDP2 on the rest of the model over all data ranks.
+
+`torch.compile`: the split sizes read on the host make the expert-parallel layer not `fullgraph`
+compilable, unlike the single-device one (dynamo: "Could not guard on data-dependent expression");
+with graph breaks allowed it compiles and gives the eager output.
 """
 
 from __future__ import annotations
