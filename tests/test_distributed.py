@@ -215,6 +215,48 @@ def one_call_over_all_ranks_tokens(rank: int, world: int) -> None:
     m.done()
 
 
+def all_to_all_bytes(rank: int, world: int) -> None:
+    """The bytes that cross ranks in a forward, counted at the collective: the dispatch carries the
+    token slots routed to another rank's experts (in features each), the combine returns them (out
+    features each), nothing else (the per-expert counts aside); the backward's all-to-alls are their
+    adjoints, the same sizes. benchmarks/NOTES.md's traffic table uses this count."""
+    import cumo_kernels.distributed as ep_module
+    from cumo_kernels.ops import route
+
+    layer = make_layer(4, 2)
+    inputs = tokens([6, 3, 5, 4][:world], seed=60)
+    sent: list[int] = []
+    real = ep_module.all_to_all_single_autograd
+
+    def counting(t, output_split_sizes, input_split_sizes, group):
+        off_rank = sum(n for p, n in enumerate(input_split_sizes) if p != rank)
+        sent.append(off_rank * t.shape[1] * t.element_size())
+        return real(t, output_split_sizes, input_split_sizes, group)
+
+    ep_module.all_to_all_single_autograd = counting
+    try:
+        ep = copy.deepcopy(layer)
+        parallelize_module(ep, init_device_mesh("cpu", (world,)), ExpertParallel())
+        ep(inputs[rank])
+    finally:
+        ep_module.all_to_all_single_autograd = real
+    owner = torch.arange(4) // (4 // world)
+    with torch.no_grad():
+        ids = route(inputs[rank] @ layer.gate.weight.T, 2)[1]
+    leaving = int((owner[ids] != rank).sum())  # this rank's slots whose expert lives elsewhere
+    totals = torch.tensor([sent[0], sent[1], leaving * D_IN * 8, 0], dtype=torch.int64)
+    arriving = torch.zeros(world, dtype=torch.int64)
+    for p, x in enumerate(inputs):  # slots of every rank that come to this rank's experts
+        with torch.no_grad():
+            other = route(x @ layer.gate.weight.T, 2)[1]
+        if p != rank:
+            arriving[0] += int((owner[other] == rank).sum())
+    totals[3] = arriving[0] * D_OUT * 8
+    assert len(sent) == 2, f"{len(sent)} all-to-alls of tokens in a forward"
+    assert totals[0] == totals[2], f"dispatch sent {int(totals[0])} B, expected {int(totals[2])}"
+    assert totals[1] == totals[3], f"combine sent {int(totals[1])} B, expected {int(totals[3])}"
+
+
 class _Block(nn.Module):
     def __init__(self, layer: MoEMLP) -> None:
         super().__init__()
@@ -529,6 +571,7 @@ SUITE = [
     float32,
     inference_without_grad,
     one_call_over_all_ranks_tokens,
+    all_to_all_bytes,
     plan_dict_sharding_and_errors,
     cumo_blocks,
     fsdp2_meta_init_and_step,
