@@ -257,6 +257,32 @@ def all_to_all_bytes(rank: int, world: int) -> None:
     assert totals[1] == totals[3], f"combine sent {int(totals[1])} B, expected {int(totals[3])}"
 
 
+def ep_meta_init(rank: int, world: int) -> None:
+    """torchtitan's order: build on the meta device, ExpertParallel, to_empty, reset_parameters (the
+    same seed on every rank keeps the gate replicated): shards within nn.Linear's bound, gates equal
+    across ranks, and the layer trains."""
+    with torch.device("meta"):
+        layer = MoEMLP(D_IN, HIDDEN, D_OUT, num_experts=4, top_k=2, dtype=F64)
+    parallelize_module(layer, init_device_mesh("cpu", (world,)), ExpertParallel())
+    layer.to_empty(device="cpu")
+    torch.manual_seed(0)
+    layer.reset_parameters()
+    m = Mismatches()
+    for name in ("w1", "b1", "w2", "b2"):
+        p = getattr(layer, name)
+        m.expect(isinstance(p, DTensor) and p.placements == (Shard(0),), f"{name}: {type(p).__name__}")
+        bound = 1.0 / (D_IN if name[1] == "1" else HIDDEN) ** 0.5
+        full = p.full_tensor()
+        m.expect(bool((full.abs() <= bound).all()) and bool(full.abs().sum() > 0), f"{name} not initialised")
+    gates = [torch.empty_like(layer.gate.weight) for _ in range(world)]
+    dist.all_gather(gates, layer.gate.weight.detach())
+    m.expect(all(torch.equal(g, gates[0]) for g in gates), "gates differ across ranks")
+    y, bal, z = layer(tokens([3, 2, 4, 1][:world])[rank])
+    (y.sum() + bal + z).backward()
+    m.expect(bool(torch.isfinite(y).all()) and layer.w1.grad is not None, "forward/backward")
+    m.done()
+
+
 class _Block(nn.Module):
     def __init__(self, layer: MoEMLP) -> None:
         super().__init__()
@@ -572,6 +598,7 @@ SUITE = [
     inference_without_grad,
     one_call_over_all_ranks_tokens,
     all_to_all_bytes,
+    ep_meta_init,
     plan_dict_sharding_and_errors,
     cumo_blocks,
     fsdp2_meta_init_and_step,
