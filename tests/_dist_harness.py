@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
+import shutil
+import tempfile
 import traceback
 from collections.abc import Callable
 
@@ -21,23 +22,24 @@ import torch.multiprocessing as mp
 Check = Callable[[int, int], None]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, suite_ref: tuple[str, str], queue) -> None:
+def _worker(rank: int, world: int, root: str, suite_ref: tuple[str, str], queue) -> None:
     import importlib
 
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    os.environ["CUMO_DIST_TMP"] = root  # checks write their checkpoints under it (`shared_dir`)
     results: dict[str, str | None] = {}
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+        # a file store, not a TCP port: no race with other processes for a port picked free
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{os.path.join(root, 'store')}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=30),
+        )
         module, name = suite_ref
         suite = getattr(importlib.import_module(module), name)
         for check in suite:
@@ -63,8 +65,8 @@ def run(world: int, suite_ref: tuple[str, str], timeout: float = 240) -> dict[st
     """Run the suite named by (module, attribute) on `world` gloo processes; {check name: None or error}."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, suite_ref, queue)) for r in range(world)]
+    root = tempfile.mkdtemp(prefix="cumo-dist-")
+    procs = [ctx.Process(target=_worker, args=(r, world, root, suite_ref, queue)) for r in range(world)]
     for p in procs:
         p.start()
     per_rank: dict[int, dict[str, str | None]] = {}
@@ -80,6 +82,7 @@ def run(world: int, suite_ref: tuple[str, str], timeout: float = 240) -> dict[st
             p.join(20)
             if p.is_alive():
                 p.kill()
+        shutil.rmtree(root, ignore_errors=True)
     merged: dict[str, str | None] = {}
     for rank in sorted(per_rank):
         for name, err in per_rank[rank].items():
@@ -88,3 +91,10 @@ def run(world: int, suite_ref: tuple[str, str], timeout: float = 240) -> dict[st
             else:
                 merged[name] = err if merged.get(name) is None else merged[name] + "\n" + err
     return merged
+
+
+def shared_dir(name: str) -> str:
+    """A directory that every rank of the running suite sees (removed with the suite's files)."""
+    path = os.path.join(os.environ["CUMO_DIST_TMP"], name)
+    os.makedirs(path, exist_ok=True)
+    return path

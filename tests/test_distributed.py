@@ -495,14 +495,6 @@ def fsdp2_bf16_mixed_precision(rank: int, world: int) -> None:
     m.done()
 
 
-def _shared_dir(rank: int) -> str:
-    import tempfile
-
-    box = [tempfile.mkdtemp(prefix="cumo-dcp-") if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def dcp_save_load_stacked_and_cumo_keys(rank: int, world: int) -> None:
     """torch.distributed.checkpoint of a sharded model: its own state dict (the stacked names), and
     CuMo's per-expert keys (`cumo.checkpoint.to_cumo`: each rank gives the experts of its shard),
@@ -520,7 +512,7 @@ def dcp_save_load_stacked_and_cumo_keys(rank: int, world: int) -> None:
             fully_shard(layer)
         return fully_shard(net)
 
-    root = _shared_dir(rank)
+    root = _dist_harness.shared_dir("dcp")
     net = sharded(5)
     full = {k: _full(v).clone() for k, v in net.state_dict().items()}
     dcp.save(get_model_state_dict(net), checkpoint_id=f"{root}/stacked")
@@ -580,7 +572,7 @@ def ep_with_fsdp2_on_a_2d_mesh(rank: int, world: int) -> None:
     w1 = net.moe.w1
     m.expect(isinstance(w1, DTensor) and w1.device_mesh.ndim == 2, f"w1: {type(w1).__name__}")
     _train_and_compare(rank, world, net, ref, m)
-    root = _shared_dir(rank)
+    root = _dist_harness.shared_dir("ep-dcp")
     dcp.save(to_cumo(get_model_state_dict(net)), checkpoint_id=f"{root}/ep")
     plain = _Net()
     dcp.load(to_cumo(plain.state_dict()), checkpoint_id=f"{root}/ep")

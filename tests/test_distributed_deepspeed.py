@@ -124,9 +124,7 @@ def _zero_stage(stage: int, rank: int, world: int) -> None:
     assert sorted(trained) == sorted(want)
     errors += [f"{k}: {_relerr(v, want[k]):.3g}" for k, v in trained.items() if _relerr(v, want[k]) > 1e-5]
 
-    box = [__import__("tempfile").mkdtemp(prefix="cumo-ds-") if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    root = box[0]
+    root = _dist_harness.shared_dir(f"zero{stage}")
     engine.save_checkpoint(root, tag="t")
     fresh = TinyCuMo(seed=99)
     engine2, *_ = deepspeed.initialize(
