@@ -612,3 +612,26 @@ def test_distributed(world: int, check: str) -> None:
     assert "<setup>" not in results, results["<setup>"]
     assert check in results, f"{check} did not run: {sorted(results)}"
     assert results[check] is None, results[check]
+
+
+def triton_backend(rank: int, world: int) -> None:
+    """ExpertParallel's ops on the Triton backend (the GPU's; here under Triton's interpreter): ragged
+    batches with an empty rank, fp32, against one process running the same layer (which takes the
+    Triton backend's fused composition)."""
+    layer = make_layer(4, 2, dtype=torch.float32)
+    layer.backend = "triton"
+    compare_with_one_process(rank, world, layer, tokens([5, 0][:world], dtype=torch.float32), dtype=torch.float32)
+
+
+TRITON_SUITE = [triton_backend]
+
+
+def test_distributed_triton_backend() -> None:
+    """Runs where the Triton backend runs on the CPU (CI's interpreter parts: TRITON_INTERPRET=1)."""
+    import cumo_kernels
+
+    if "triton" not in cumo_kernels.available_backends("cpu"):
+        pytest.skip("the triton backend runs on CPU tensors only under TRITON_INTERPRET=1")
+    results = _dist_harness.run(2, (__name__, "TRITON_SUITE"))
+    assert "<setup>" not in results, results["<setup>"]
+    assert results == {"triton_backend": None}, results
