@@ -122,19 +122,18 @@ class ExpertParallel(ParallelStyle):
                 f"ExpertParallel: num_experts={e} is not divisible by the mesh size {ranks}: every rank must own "
                 f"the same number of experts (choose a mesh size that divides {e})"
             )
+        gate = module.gate.weight
+        for name, p in [(n, getattr(module, n)) for n in _EXPERT_PARAMS] + [("gate.weight", gate)]:
+            if isinstance(p, DTensor):  # checked for all before any is changed
+                raise ValueError(
+                    f"ExpertParallel: {name} is already a DTensor ({p.placements}); apply ExpertParallel to a "
+                    "module of plain parameters, before fully_shard or other parallel styles"
+                )
         for name in _EXPERT_PARAMS:
             p = getattr(module, name)
-            if p is None:
-                continue
-            if isinstance(p, DTensor):
-                raise ValueError(
-                    f"ExpertParallel: {name} is already a DTensor ({p.placements}); apply ExpertParallel first"
-                )
-            d = distribute_tensor(p.data, device_mesh, [Shard(0)], src_data_rank=self.src_data_rank)
-            module.register_parameter(name, nn.Parameter(d, requires_grad=p.requires_grad))
-        gate = module.gate.weight
-        if isinstance(gate, DTensor):
-            raise ValueError(f"ExpertParallel: gate.weight is already a DTensor ({gate.placements})")
+            if p is not None:
+                d = distribute_tensor(p.data, device_mesh, [Shard(0)], src_data_rank=self.src_data_rank)
+                module.register_parameter(name, nn.Parameter(d, requires_grad=p.requires_grad))
         if self.src_data_rank is not None and gate.device.type != "meta":
             full = distribute_tensor(gate.data, device_mesh, [Replicate()], src_data_rank=self.src_data_rank)
             with torch.no_grad():

@@ -326,6 +326,12 @@ def plan_dict_sharding_and_errors(rank: int, world: int) -> None:
         parallelize_module(make_layer(6 if world == 4 else 3, 2), mesh, ExpertParallel())
     with pytest.raises(ValueError, match="already expert-parallel"):
         parallelize_module(model.blocks[0].mlp, mesh, ExpertParallel())
+    from torch.distributed.fsdp import fully_shard
+
+    fsdp = fully_shard(make_layer(4, 2))
+    with pytest.raises(ValueError, match="w1 is already a DTensor.*before fully_shard"):
+        parallelize_module(fsdp, mesh, ExpertParallel())
+    assert fsdp._expert_parallel is None
     with pytest.raises(TypeError, match="expected a cumo_kernels.nn.MoEMLP"):
         parallelize_module(nn.Linear(3, 3), mesh, ExpertParallel())
     mesh2 = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "ep"))
