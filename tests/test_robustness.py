@@ -254,6 +254,10 @@ def _ddp_worker(rank: int, port: int, queue) -> None:
             (y.square().sum() + bal + z).backward()
         # as lists: a tensor put on the queue shares its storage, gone once this process exits
         queue.put((rank, {n: p.grad.tolist() for n, p in layer.named_parameters()}))
+        # flushed before the teardown: gloo's can abort the process (its peer gone), and a process
+        # killed while its queue thread writes holds the queue's lock, and the other rank's put hangs
+        queue.close()
+        queue.join_thread()
         dist.destroy_process_group()
     except Exception as exc:  # noqa: BLE001 - reported to the test
         queue.put((rank, f"{type(exc).__name__}: {exc}"))
