@@ -61,6 +61,11 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     def rnd(*size: int, scale: float = 1.0) -> Tensor:
         return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype)
 
+    if shape.hf_family:  # the hf-* providers build the family's block themselves: x and dy only
+        none = torch.empty(0, device=device, dtype=dtype)
+        x = rnd(shape.samples, shape.tokens_per_sample, d_in)
+        return Inputs(x, none, none, none, none, none, rnd(shape.samples, shape.tokens_per_sample, d_out))
+
     return Inputs(
         x=rnd(shape.samples, shape.tokens_per_sample, d_in),
         gate=rnd(e, d_in, scale=d_in**-0.5),
@@ -134,6 +139,15 @@ class Provider:
     forward: Callable[[Inputs, Shape], tuple[Tensor, Tensor, Tensor]] | None
     refusal: Callable[[Shape, torch.device, torch.dtype], str | None] = lambda s, d, t: None
     is_dense: bool = False
+    # (shape, inputs, pass) -> the timed callable, for providers that own their parameters (hf-*)
+    call: Callable[[Shape, Inputs, str], Callable[[], object]] | None = None
+
+    def refuses(self, shape: Shape, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why this provider cannot run `shape` here, or None. A transformers family's block
+        (shape.hf_family) is run by the hf-* providers only, and they run nothing else."""
+        if (shape.hf_family is not None) != self.name.startswith("hf-"):
+            return "hf-* providers run the transformers families' shapes, the others the rest"
+        return self.refusal(shape, device, dtype)
 
 
 def _grads_of(outs: tuple[Tensor, Tensor, Tensor], inp: Inputs) -> list[Tensor | None]:
@@ -144,6 +158,8 @@ def _grads_of(outs: tuple[Tensor, Tensor, Tensor], inp: Inputs) -> list[Tensor |
 
 def make_call(provider: Provider, shape: Shape, inp: Inputs, pass_: str) -> Callable[[], object]:
     """The zero-argument callable that the timer runs for one (provider, shape, pass)."""
+    if provider.call is not None:
+        return provider.call(shape, inp, pass_)
     if provider.is_dense:
         return _dense_call(shape, inp, pass_, activation=provider.name == "dense-mlp")
     fwd = provider.forward
@@ -243,6 +259,78 @@ def _grouped_mm_refusal(shape: Shape, device: torch.device, dtype: torch.dtype) 
 
 
 # --------------------------------------------------------------------------------------------
+# transformers' experts implementations on one MoE block of a family (shape.hf_family): the
+# model's router and its experts class, whose forward dispatches on config._experts_implementation.
+# The three hf-* providers share one block per inputs (its weights exist once).
+
+HF_IMPLEMENTATIONS = ("cumo", "grouped_mm", "eager")
+_HF_BLOCKS: dict[int, tuple[torch.nn.Module, object]] = {}
+
+
+def _hf_block(shape: Shape, inp: Inputs) -> tuple[torch.nn.Module, object]:
+    """The family's MoE block (router + experts) at the shape's sizes, random weights (seeded;
+    router std in**-0.5, so tokens spread over the experts), on x's device and dtype."""
+    key = id(inp)
+    if key not in _HF_BLOCKS:
+        _HF_BLOCKS.clear()
+        import transformers
+
+        import cumo_kernels.hf  # noqa: F401  (registers "cumo")
+
+        sizes = dict(hidden_size=shape.d_in, num_experts=shape.experts, num_experts_per_tok=shape.top_k)
+        if shape.hf_family == "olmoe":
+            from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock as Block
+
+            config = transformers.OlmoeConfig(intermediate_size=shape.hidden, **sizes)
+        elif shape.hf_family == "qwen3_moe":
+            from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
+
+            config = transformers.Qwen3MoeConfig(moe_intermediate_size=shape.hidden, norm_topk_prob=True, **sizes)
+        else:
+            raise ValueError(f"no transformers block for family {shape.hf_family!r}")
+        block = Block(config)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in block.named_parameters():
+                fan_in = shape.d_in if name.endswith(("gate.weight", "gate_up_proj")) else shape.hidden
+                p.copy_(torch.randn(p.shape, generator=g) * fan_in**-0.5)
+        _HF_BLOCKS[key] = (block.to(device=inp.x.device, dtype=inp.x.dtype), config)
+    return _HF_BLOCKS[key]
+
+
+def _hf_provider(implementation: str) -> Provider:
+    def refusal(shape: Shape, device: torch.device, dtype: torch.dtype) -> str | None:
+        if not _importable("transformers"):
+            return "transformers is not importable"
+        return None
+
+    def call(shape: Shape, inp: Inputs, pass_: str) -> Callable[[], object]:
+        block, config = _hf_block(shape, inp)
+        params = list(block.parameters())
+
+        def forward() -> Tensor:
+            config._experts_implementation = implementation  # read by the experts at each call
+            return block(inp.x)
+
+        if pass_ == "fwd":
+
+            def run_fwd() -> object:
+                with torch.no_grad():
+                    return (forward(),)
+
+            return run_fwd
+        x = inp.x.detach().requires_grad_(True)
+
+        def run_fwd_bwd() -> object:
+            config._experts_implementation = implementation
+            return torch.autograd.grad(block(x), [x, *params], inp.dy)
+
+        return run_fwd_bwd
+
+    return Provider(f"hf-{implementation}", None, refusal, call=call)
+
+
+# --------------------------------------------------------------------------------------------
 # Peer libraries: only when importable, never failing otherwise.
 
 
@@ -301,6 +389,7 @@ ALL_NAMES = (
     "dense-mlp",
     "scattermoe",
     "megablocks",
+    *(f"hf-{i}" for i in HF_IMPLEMENTATIONS),
 )
 
 
@@ -344,4 +433,6 @@ def providers_for(device: torch.device, wanted: list[str] | None) -> tuple[list[
                 out.append(_megablocks_provider())
             elif explicit:
                 left.append((name, "megablocks is not importable"))
+        elif name.startswith("hf-"):
+            out.append(_hf_provider(name.removeprefix("hf-")))
     return out, left

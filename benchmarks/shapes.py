@@ -23,21 +23,25 @@ class Shape:
     activation: str
     samples: int = 1  # B; x is [B, T // B, in]
     unsupported: str | None = None  # why this shape cannot run (skipped with this message)
+    glu: bool = False  # gated experts: the first layer has 2 * hidden rows (gate and up)
+    hf_family: str | None = None  # a transformers family's MoE block (the hf-* providers run it)
 
     @property
     def tokens_per_sample(self) -> int:
         return self.tokens // self.samples
 
     def flops(self, pass_: str) -> float:
-        """2*T*k*(in*hidden + hidden*out) forward; forward + backward three times that."""
-        fwd = 2.0 * self.tokens * self.top_k * (self.d_in * self.hidden + self.hidden * self.d_out)
+        """2*T*k*(in*hidden + hidden*out) forward (in*2*hidden for gated experts); forward +
+        backward three times that."""
+        first = 2 if self.glu else 1
+        fwd = 2.0 * self.tokens * self.top_k * (first * self.d_in * self.hidden + self.hidden * self.d_out)
         return fwd if pass_ == "fwd" else 3.0 * fwd
 
     def min_bytes(self, elem: int) -> float:
         """Fewest bytes the forward must move: x, gate, weights and biases read once, y written once."""
-        e = self.experts
+        e, first = self.experts, 2 if self.glu else 1
         n = self.tokens * self.d_in + e * self.d_in  # x, gate
-        n += e * (self.hidden * self.d_in + self.hidden + self.d_out * self.hidden + self.d_out)
+        n += e * first * (self.hidden * self.d_in + self.hidden) + e * (self.d_out * self.hidden + self.d_out)
         n += self.tokens * self.d_out  # y
         return float(n * elem)
 
@@ -72,6 +76,10 @@ NAMED: dict[str, Shape] = {
             samples=1,
             unsupported="swiglu needs a gated weight layout that moe_mlp does not have yet",
         ),
+        # One decoder MoE block (router + experts) of a transformers model at 2,048 tokens: the
+        # hf-* providers (transformers' experts implementations "cumo", "grouped_mm", "eager").
+        Shape("olmoe-layer", 2_048, 2048, 1024, 2048, 64, 8, "swiglu", glu=True, hf_family="olmoe"),
+        Shape("qwen3-moe-layer", 2_048, 2048, 768, 2048, 128, 8, "swiglu", glu=True, hf_family="qwen3_moe"),
     )
 }
 

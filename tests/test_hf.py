@@ -556,3 +556,27 @@ def test_expert_parallel_two_processes_equal_one(tmp_path):
             assert_close_rel(r["logits"], logits.double(), F32, f"{what} logits")
             for name, g in grads.items():
                 assert_close_rel(r["grads"][name], g.double(), F32, f"{what} grad {name}")
+
+
+# ------------------------------------------------------------------------------ the benchmark providers
+
+
+def test_benchmark_cli_runs_the_hf_providers(tmp_path):
+    """`python -m benchmarks --shapes olmoe-layer --providers hf-cumo,hf-grouped_mm,hf-eager`, at
+    the --quick scale: every provider times the family's MoE block, the ratios to transformers'
+    grouped_mm and eager are recorded, the other providers refuse the shape with the reason."""
+    import json
+
+    from benchmarks import schema
+    from benchmarks.cli import main as bench_main
+
+    out = tmp_path / "r.json"
+    args = ["--quick", "--device", "cpu", "--shapes", "olmoe-layer", "--passes", "fwd", "--reps", "1"]
+    args += ["--providers", "hf-cumo,hf-grouped_mm,hf-eager,cumo-torch", "--no-ceilings", "--out", str(out)]
+    assert bench_main(args) == 0
+    doc = json.loads(out.read_text())
+    assert schema.validate(doc) == [] and doc["complete"] is True
+    rows = {r["provider"]: r for r in doc["results"]}
+    assert set(rows) == {"hf-cumo", "hf-grouped_mm", "hf-eager"}
+    assert rows["hf-cumo"]["speedup_vs_hf-grouped_mm"] > 0 and rows["hf-cumo"]["speedup_vs_hf-eager"] > 0
+    assert [s["provider"] for s in doc["skipped"]] == ["cumo-torch"]
