@@ -428,24 +428,52 @@ def _layer_step(layer, x, pe, fn=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("family", "compiler"), [("qwen3_moe", "inductor"), ("gpt_oss", "aot_eager")])
-def test_compile_decoder_layer_fullgraph(family, compiler):
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_compile_decoder_layer_fullgraph(family):
     """torch.compile(fullgraph=True) of a whole decoder layer (attention, router, experts) with
-    "cumo": no graph break, forward and every gradient equal to the layer run eagerly. Inductor
-    once (its C++ build of a layer's forward and backward takes ~40 s on CI's cores); GPT-OSS's
-    layouts through dynamo's full graph and AOTAutograd (the fakes and autograd of the ops) only."""
+    "cumo": no graph break, forward and every gradient equal to the layer run eagerly. Dynamo's
+    full graph through AOTAutograd (the ops' fakes and autograd formulas); inductor's C++ build of
+    a layer's forward and backward would cost CI 40-140 s per layer on its 2 cores, so inductor
+    compiles the inference case below, and tests/test_compile.py the layer's ops fwd+bwd."""
     torch._dynamo.reset()
     (cumo,) = _models(family, "cumo")
     layer = cumo.model.layers[0]
     x, pe = _layer_inputs(cumo)
     ye, ge = _layer_step(layer, x, pe)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        yc, gc = _layer_step(layer, x, pe, torch.compile(layer, fullgraph=True, backend=compiler))
+        yc, gc = _layer_step(layer, x, pe, torch.compile(layer, fullgraph=True, backend="aot_eager"))
     ran = {e.key for e in prof.key_averages()}  # (a dispatch mode cannot watch compiled code)
     assert {"cumo::permute", "cumo::grouped_linear", "cumo::unpermute", "cumo::grouped_linear_backward"} <= ran
     assert_close_rel(yc, ye.double(), F32, f"{family} compiled layer")
     for name, g in ge.items():
         assert_close_rel(gc[name], g.double(), F32, f"{family} compiled grad {name}")
+
+
+@pytest.mark.slow
+def test_compile_moe_block_inductor():
+    """Inductor (torch.compile's default) on the MoE block (router, experts, the glue of
+    cumo_kernels.hf), forward and backward: the whole decoder layer's C++ build would cost CI
+    40-140 s on its 2 cores."""
+    torch._dynamo.reset()
+    (cumo,) = _models("qwen3_moe", "cumo")
+    block = cumo.model.layers[1].mlp
+    x, _ = _layer_inputs(cumo)
+
+    def step(fn):
+        block.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        fn(xi).pow(2).mean().backward()
+        return xi.grad, {n: p.grad for n, p in block.named_parameters()}
+
+    ge, pe = step(block)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        gc, pc = step(torch.compile(block, fullgraph=True))
+    assert {"cumo::permute", "cumo::grouped_linear", "cumo::grouped_linear_backward"} <= {
+        e.key for e in prof.key_averages()
+    }
+    assert_close_rel(gc, ge.double(), F32, "inductor MoE block grad x")
+    for name, g in pe.items():
+        assert_close_rel(pc[name], g.double(), F32, f"inductor MoE block grad {name}")
 
 
 @pytest.mark.slow
