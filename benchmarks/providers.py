@@ -434,5 +434,8 @@ def providers_for(device: torch.device, wanted: list[str] | None) -> tuple[list[
             elif explicit:
                 left.append((name, "megablocks is not importable"))
         elif name.startswith("hf-"):
-            out.append(_hf_provider(name.removeprefix("hf-")))
+            if explicit:
+                out.append(_hf_provider(name.removeprefix("hf-")))
+            else:  # they run only olmoe-layer and qwen3-moe-layer: no refusal lines on every other shape
+                left.append((name, "runs the shapes olmoe-layer and qwen3-moe-layer only; name it in --providers"))
     return out, left
