@@ -6,18 +6,20 @@
 """
 
 from . import nn, ops
-from ._activations import ACTIVATIONS
+from ._activations import ACTIVATIONS, GLU_ACTIVATIONS
 from .dispatch import BACKENDS, available_backends
-from .ops import aux_losses, grouped_linear, moe_mlp, permute, route, unpermute
+from .ops import aux_losses, grouped_linear, grouped_linear_glu, moe_mlp, permute, route, unpermute
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
+    "GLU_ACTIVATIONS",
     "available_backends",
     "aux_losses",
     "grouped_linear",
+    "grouped_linear_glu",
     "moe_mlp",
     "nn",
     "ops",

@@ -11,8 +11,21 @@ import math
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS: tuple[str, ...] = ("quick_gelu", "gelu", "gelu_tanh", "silu", "relu")
-"""Activations accepted by `moe_mlp`, `MoEMLP` and `grouped_linear` (which also takes "none")."""
+ACTIVATIONS: tuple[str, ...] = ("quick_gelu", "gelu", "gelu_tanh", "silu", "relu", "relu2")
+"""Activations accepted by `moe_mlp`, `MoEMLP` and `grouped_linear` (which also takes "none").
+"relu2" is relu(x)^2 (NemotronH's experts)."""
+
+GLU_ONLY: tuple[str, ...] = ("gpt_oss_swiglu",)
+"""Gated-only activations (`glu=True`): functions of both halves, not of the gate alone.
+"gpt_oss_swiglu" is GPT-OSS's clamped SwiGLU: with g = min(gate, 7) and u = clamp(up, -7, 7),
+h = g * sigmoid(1.702 g) * (u + 1)."""
+
+GLU_ACTIVATIONS: tuple[str, ...] = ACTIVATIONS + GLU_ONLY
+"""Activations of the gate accepted with `glu=True`: every one of ACTIVATIONS (h = act(gate) * up;
+"silu" is SwiGLU, "gelu" / "gelu_tanh" GeGLU, "relu" ReGLU) and the GLU_ONLY ones."""
+
+GLU_LIMIT = 7.0
+GLU_ALPHA = 1.702
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -40,6 +53,9 @@ def apply(x: torch.Tensor, activation: str) -> torch.Tensor:
         return F.silu(x)
     if activation == "relu":
         return F.relu(x)
+    if activation == "relu2":
+        v = _compute_dtype(x)
+        return F.relu(v).square().to(x.dtype)
     if activation == "quick_gelu":
         v = _compute_dtype(x)
         return (v * torch.sigmoid(1.702 * v)).to(x.dtype)
@@ -66,4 +82,46 @@ def derivative(x: torch.Tensor, activation: str) -> torch.Tensor:
         return s * (1.0 + v * (1.0 - s))
     if activation == "relu":
         return (v > 0).to(v.dtype)
+    if activation == "relu2":
+        return 2.0 * F.relu(v)
     raise ValueError(f"activation: unknown {activation!r}; accepted: {', '.join(ACTIVATIONS)}")
+
+
+# ----------------------------------------------------------------------------- gated (glu=True)
+
+
+def glu_halves(pre: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) views [..., H] of a gated pre-activation [..., 2H] whose columns follow w1's rows:
+    gate then up (concatenated), or alternating gate, up (interleaved)."""
+    if interleaved:
+        return pre[..., 0::2], pre[..., 1::2]
+    h = pre.shape[-1] // 2
+    return pre[..., :h], pre[..., h:]
+
+
+def glu_apply(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """h = a(gate) * b(up) in gate's dtype, computed in float32 (float64 for float64) and rounded
+    once: a = the activation and b = identity, or GPT-OSS's clamped pair for "gpt_oss_swiglu"."""
+    g, u = _compute_dtype(gate), _compute_dtype(up)
+    if activation == "gpt_oss_swiglu":
+        g = g.clamp(max=GLU_LIMIT)
+        return (g * torch.sigmoid(GLU_ALPHA * g) * (u.clamp(-GLU_LIMIT, GLU_LIMIT) + 1.0)).to(gate.dtype)
+    return (apply(g, activation) * u).to(gate.dtype)
+
+
+def glu_derivative(
+    grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_gate, grad_up) in float32 (float64 for float64) of h = a(gate) * b(up): grad_h * b(up) *
+    a'(gate) and grad_h * a(gate) * b'(up). The clamps of "gpt_oss_swiglu" pass the gradient inside
+    their closed bounds and none outside (torch.clamp's gradient)."""
+    gh, g, u = _compute_dtype(grad_h), _compute_dtype(gate), _compute_dtype(up)
+    if activation == "gpt_oss_swiglu":
+        gc = g.clamp(max=GLU_LIMIT)
+        s = torch.sigmoid(GLU_ALPHA * gc)
+        a = gc * s
+        da = torch.where(g <= GLU_LIMIT, s + GLU_ALPHA * gc * s * (1.0 - s), 0.0)
+        inside = (u >= -GLU_LIMIT) & (u <= GLU_LIMIT)
+        b = u.clamp(-GLU_LIMIT, GLU_LIMIT) + 1.0
+        return gh * b * da, torch.where(inside, gh * a, 0.0)
+    return gh * u * derivative(g, activation), gh * apply(g, activation)

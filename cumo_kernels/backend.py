@@ -64,7 +64,8 @@ class Call:
     device: the operands' device (index included on CUDA).
     dtype: the activation dtype; None: any (a question about the device alone).
     num_experts: E; None: any.
-    op: the one op a public op function runs ("route", "permute", "unpermute", "grouped_linear");
+    op: the one op a public op function runs ("route", "permute", "unpermute", "grouped_linear",
+        "grouped_linear_glu");
         None: a whole layer (`moe_mlp`), every op of the backend's composition.
     """
 
@@ -136,6 +137,35 @@ class BaseOps(Protocol):
         has_bias: bool,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """-> grad_x [M, K], grad_weight [E, N, K], grad_bias [E, N] or None."""
+        ...
+
+    def grouped_linear_glu(
+        self,
+        x: Tensor,
+        w1: Tensor,
+        b1: Tensor | None,
+        offsets: Tensor,
+        activation: str,
+        interleaved: bool = False,
+        save_pre: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """Gated experts' first layer (issue 23): x [M, in], w1 [E, 2H, in] (any strides; gate and up
+        rows concatenated, or alternating when `interleaved`), b1 [E, 2H]? -> h [M, H] =
+        act(gate) * up, pre [M, 2H] (columns in w1's row order; [0] unless save_pre)."""
+        ...
+
+    def grouped_linear_glu_backward(
+        self,
+        grad_h: Tensor,
+        x: Tensor,
+        w1: Tensor,
+        offsets: Tensor,
+        pre: Tensor,
+        activation: str,
+        interleaved: bool,
+        has_bias: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """-> grad_x [M, in], grad_w1 [E, 2H, in], grad_b1 [E, 2H] or None."""
         ...
 
 
@@ -215,6 +245,71 @@ class FusedOps(Protocol):
         """-> grad_h [M, K], grad_weight, grad_bias or None, grad_weights [T, k]."""
         ...
 
+    def grouped_linear_glu_gather(
+        self,
+        x: Tensor,
+        w1: Tensor,
+        b1: Tensor | None,
+        sort_idx: Tensor,
+        offsets: Tensor,
+        top_k: int,
+        activation: str,
+        interleaved: bool = False,
+        save_pre: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """Gated first layer, x [T, in] in token order read through sort_idx // k -> h [M, H], pre [M, 2H] (or [0])."""
+        ...
+
+    def grouped_linear_glu_gather_backward(
+        self,
+        grad_h: Tensor,
+        grad_pre: Tensor,
+        x: Tensor,
+        w1: Tensor,
+        sort_idx: Tensor,
+        offsets: Tensor,
+        pre: Tensor,
+        top_k: int,
+        activation: str,
+        interleaved: bool,
+        has_bias: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """grad_h [M, H] (through the gated derivative) and grad_pre [M, 2H], either [0] when absent ->
+        grad_x [T, in], grad_w1, grad_b1 or None."""
+        ...
+
+    def grouped_linear_glu_combine(
+        self,
+        h: Tensor,
+        pre: Tensor,
+        w2: Tensor,
+        b2: Tensor | None,
+        sort_idx: Tensor,
+        offsets: Tensor,
+        weights: Tensor,
+        activation: str,
+        interleaved: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """fc2 + the weighted combine over h = glu(pre) -> out [T, N], y_slot [M, N]."""
+        ...
+
+    def grouped_linear_glu_combine_backward(
+        self,
+        grad_out: Tensor,
+        h: Tensor,
+        pre: Tensor,
+        w2: Tensor,
+        sort_idx: Tensor,
+        offsets: Tensor,
+        weights: Tensor,
+        y_slot: Tensor,
+        activation: str,
+        interleaved: bool,
+        has_bias: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """-> grad_pre [M, 2H] (the gated derivative applied), grad_w2, grad_b2 or None, grad_weights [T, k]."""
+        ...
+
 
 class ExpertMLPOps(Protocol):
     """Feature "expert_mlp": both expert layers in one inference-only op, which the unfused
@@ -232,6 +327,20 @@ class ExpertMLPOps(Protocol):
         activation: str,
     ) -> Tensor:
         """x [M, in] grouped -> [M, out]: act(x W1_e^T + b1_e) W2_e^T + b2_e per expert's rows."""
+        ...
+
+    def expert_mlp_glu(
+        self,
+        x: Tensor,
+        w1: Tensor,
+        b1: Tensor | None,
+        w2: Tensor,
+        b2: Tensor | None,
+        offsets: Tensor,
+        activation: str,
+        interleaved: bool = False,
+    ) -> Tensor:
+        """Gated experts, x [M, in] grouped -> [M, out]: (act(gate) * up) W2_e^T + b2_e per expert's rows."""
         ...
 
 

@@ -37,7 +37,10 @@ MAX_GEMM_EXPERTS = 1023
 MAX_PERMUTE_EXPERTS = 4096  # permute: one chunk's histogram in shared memory
 _BUILD_HINT = "build it with `pip install .` on a machine with nvcc (CUDA_HOME), without CUMO_SKIP_CUDA_BUILD"
 
-assert set(ACTIVATIONS) <= set(ACTIVATION_CODES)
+# Activations the extension's epilogue does not compute ("relu2", issue 23): the GEMM runs with
+# "none" and the activation (forward) or its derivative (backward) is a torch elementwise pass,
+# a composition declared here (a fused epilogue waits for the csrc change and a GPU to test it).
+COMPOSED_ACTIVATIONS = frozenset(set(ACTIVATIONS) - set(ACTIVATION_CODES))
 
 COMPOSITION = "unfused"
 """moe_mlp composes route -> permute -> grouped_linear (fc1, fc2) -> unpermute for this backend."""
@@ -65,6 +68,7 @@ _EXPERT_LIMITS = (
     ("route", MAX_EXPERTS, "the routing kernel holds one token's E scores in registers"),
     ("permute", MAX_PERMUTE_EXPERTS, "the sort kernel holds one chunk's histogram in shared memory"),
     ("grouped_linear", MAX_GEMM_EXPERTS, "the grouped GEMM's problem list"),
+    ("grouped_linear_glu", MAX_GEMM_EXPERTS, "the grouped GEMM's problem list"),
 )
 
 
@@ -398,6 +402,11 @@ def grouped_linear(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """reference.grouped_linear on the GPU: (y [M, N], pre [M, N] or [0]); bias and activation
     fused in the epilogue; per-expert problems built on the device from offsets (no sync)."""
+    if activation in COMPOSED_ACTIVATIONS:
+        from . import _activations
+
+        pre, _ = grouped_linear(x, weight, bias, offsets, "none")
+        return _activations.apply(pre, activation), pre
     dev = x.device
     _check("x", x, dev)
     _check("weight", weight, dev, x.dtype)
@@ -434,6 +443,11 @@ def grouped_linear_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """reference.grouped_linear_backward: (grad_x [M, K], grad_weight [E, N, K], grad_bias [E, N]
     or None); experts without rows get zero weight and bias gradients (no atomics)."""
+    if activation in COMPOSED_ACTIVATIONS:
+        from . import _activations
+
+        g = (grad_y.float() * _activations.derivative(pre, activation)).to(x.dtype)
+        return grouped_linear_backward(g, x, weight, offsets, pre, "none", has_bias)
     dev = x.device
     _check("x", x, dev)
     _check("weight", weight, dev, x.dtype)
@@ -459,3 +473,61 @@ def grouped_linear_backward(
         _ptr(grad_w), _ptr(grad_b), _ptr(grad_pre), ws.data_ptr(), ws.numel(), cutlass, _stream(dev), dev.index,
     )  # fmt: skip
     return grad_x, grad_w, grad_b
+
+
+# --------------------------------------------------------------- gated experts (grouped_linear_glu)
+# A declared composition (issue 23): the gated first layer is the extension's grouped GEMM with
+# N = 2H and no activation (the gate and up columns of each row in one GEMM), then the gated
+# activation and, in the backward, its derivative as torch elementwise passes over the [M, 2H]
+# pre-activation. A fused epilogue (act(gate) * up written once, as the triton backend does) waits
+# for a csrc change and a GPU to test it. The extension reads contiguous weights: a w1 in any other
+# layout (transposed) is refused with Unsupported (auto then runs triton, which reads it in place).
+
+
+def _check_glu_weight(w1: torch.Tensor, b1: torch.Tensor | None) -> None:
+    for name, t in (("w1", w1), ("b1", b1)):
+        if t is not None and not t.is_contiguous():
+            raise Unsupported(
+                f"cuda backend: gated {name} must be contiguous (the extension reads row-major weights), got strides "
+                f"{t.stride()}; the triton backend reads it through its strides"
+            )
+
+
+def grouped_linear_glu(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    offsets: torch.Tensor,
+    activation: str,
+    interleaved: bool = False,
+    save_pre: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.grouped_linear_glu on the GPU: the extension's GEMM (N = 2H), then the gated activation."""
+    from . import _activations
+
+    _check_glu_weight(w1, b1)
+    pre, _ = grouped_linear(x, w1, b1, offsets, "none")
+    h = _activations.glu_apply(*_activations.glu_halves(pre, interleaved), activation)
+    return h, (pre if save_pre else x.new_empty(0))
+
+
+def grouped_linear_glu_backward(
+    grad_h: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    offsets: torch.Tensor,
+    pre: torch.Tensor,
+    activation: str,
+    interleaved: bool,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The gated derivative (torch elementwise), then the extension's grouped GEMM backward."""
+    from . import _activations
+
+    _check_glu_weight(w1, None)
+    gg, gu = _activations.glu_derivative(grad_h, *_activations.glu_halves(pre, interleaved), activation)
+    gpre = torch.empty_like(pre)
+    og, ou = _activations.glu_halves(gpre, interleaved)
+    og.copy_(gg)
+    ou.copy_(gu)
+    return grouped_linear_backward(gpre, x, w1, offsets, pre, "none", has_bias)

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch
-from ._activations import ACTIVATIONS
+from ._activations import ACTIVATIONS, GLU_ACTIVATIONS
 from .ops import moe_mlp
+from .ops.moe import glu_layout
 
 
 class MoEMLP(nn.Module):
@@ -18,6 +19,11 @@ class MoEMLP(nn.Module):
     Parameters: `gate.weight` [E, in] (bias-free nn.Linear), `w1` [E, hidden, in],
     `b1` [E, hidden], `w2` [E, out, hidden], `b2` [E, out] (biases only when bias=True), each
     expert initialised as nn.Linear initialises its own weight and bias.
+
+    With `glu` (True or "concat", or "interleaved"; see `moe_mlp`) the experts are gated,
+    fc2(act(gate) * up): `w1` is [E, 2*hidden, in] and `b1` [E, 2*hidden], each expert's gate rows
+    and up rows in that layout (one nn.Linear(in, 2*hidden) per expert), and `activation` is the
+    gate's ("silu" for SwiGLU, or any of `GLU_ACTIVATIONS`).
 
     forward(x): x [T, in] or [B, N, in] -> (y [..., out], balance_loss (float32 scalar),
     z_loss (scalar, x.dtype)).
@@ -32,6 +38,7 @@ class MoEMLP(nn.Module):
         num_experts: int,
         top_k: int,
         activation: str = "quick_gelu",
+        glu: bool | str = False,
         bias: bool = True,
         backend: str | None = None,
         device: torch.device | str | None = None,
@@ -49,18 +56,23 @@ class MoEMLP(nn.Module):
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k: expected an int with 1 <= top_k <= num_experts={num_experts}, got {top_k!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation: unknown {activation!r}; accepted: {', '.join(ACTIVATIONS)}")
+        layout = glu_layout(glu)
+        accepted = ACTIVATIONS if layout is None else GLU_ACTIVATIONS
+        if activation not in accepted:
+            kind = "" if layout is None else " for gated experts (glu)"
+            raise ValueError(f"activation: unknown {activation!r}{kind}; accepted: {', '.join(accepted)}")
         if backend is not None:
             dispatch.resolve_name(backend)
         self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
         self.num_experts, self.top_k, self.activation, self.backend = num_experts, top_k, activation, backend
+        self.glu = glu
+        rows1 = hidden_features if layout is None else 2 * hidden_features
         kw = {"device": device, "dtype": dtype}
         self.gate = nn.Linear(in_features, num_experts, bias=False, **kw)
-        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_features, in_features, **kw))
+        self.w1 = nn.Parameter(torch.empty(num_experts, rows1, in_features, **kw))
         self.w2 = nn.Parameter(torch.empty(num_experts, out_features, hidden_features, **kw))
         if bias:
-            self.b1 = nn.Parameter(torch.empty(num_experts, hidden_features, **kw))
+            self.b1 = nn.Parameter(torch.empty(num_experts, rows1, **kw))
             self.b2 = nn.Parameter(torch.empty(num_experts, out_features, **kw))
         else:
             self.register_parameter("b1", None)
@@ -100,6 +112,7 @@ class MoEMLP(nn.Module):
             self.b2,
             top_k=self.top_k,
             activation=self.activation,
+            glu=self.glu,
             backend=self.backend,
         )
 
@@ -108,4 +121,5 @@ class MoEMLP(nn.Module):
             f"in_features={self.in_features}, hidden_features={self.hidden_features}, "
             f"out_features={self.out_features}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"activation={self.activation!r}, bias={self.b1 is not None}, backend={self.backend!r}"
+            + (f", glu={self.glu!r}" if self.glu is not False else "")
         )

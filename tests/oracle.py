@@ -44,7 +44,40 @@ def activation(v: torch.Tensor, name: str) -> torch.Tensor:
         return v * torch.sigmoid(v)
     if name == "relu":
         return torch.clamp(v, min=0.0)
+    if name == "relu2":
+        return torch.clamp(v, min=0.0) ** 2
     raise ValueError(name)
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The gated expert's hidden activation from issue 23's definition: act(gate) * up, and GPT-OSS's
+    clamped SwiGLU (transformers' GptOssExperts): gate clamped above at 7, up into [-7, 7], then
+    gate * sigmoid(1.702 gate) * (up + 1).
+
+    The clamps' choice hangs on the last bit of a pre-activation, as the expert choice does on a
+    probability's: with `dtype` (the activation dtype) the pre-activations are taken at their
+    rounding point, the GEMM's output in that dtype (straight-through gradient, `round_to`)."""
+    if name == "gpt_oss_swiglu":
+        if dtype is not None:
+            gate, up = round_to(gate, dtype), round_to(up, dtype)
+        g = gate.clamp(min=None, max=7.0)
+        u = up.clamp(min=-7.0, max=7.0)
+        return (u + 1.0) * (g * torch.sigmoid(g * 1.702))
+    return activation(gate, name) * up
+
+
+def split_gate_up(w: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate rows, up rows) of one expert's w1 [2H, ...] (or b1 [2H]) by explicit row indices:
+    "concat" holds the H gate rows then the H up rows, "interleaved" alternates them (g0, u0, g1, ...)."""
+    h = w.shape[0] // 2
+    if layout == "concat":
+        gi, ui = list(range(h)), list(range(h, 2 * h))
+    elif layout == "interleaved":
+        gi, ui = [2 * j for j in range(h)], [2 * j + 1 for j in range(h)]
+    else:
+        raise ValueError(layout)
+    idx = lambda rows: torch.tensor(rows, dtype=torch.int64, device=w.device)  # noqa: E731
+    return w.index_select(0, idx(gi)), w.index_select(0, idx(ui))
 
 
 def round_to(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -228,13 +261,31 @@ def unpermute_oracle(y_sorted: torch.Tensor, sort_idx: torch.Tensor, weights: to
 
 
 def dense_mlp_oracle(
-    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None, act: str
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    act: str,
+    glu: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """fc2(act(fc1(x))) for one expert's weights w1 [hidden, in], w2 [out, hidden], in x's dtype."""
-    h = x @ w1.t()
-    if b1 is not None:
-        h = h + b1
-    y = activation(h, act) @ w2.t()
+    """fc2(act(fc1(x))) for one expert's weights w1 [hidden, in], w2 [out, hidden], in x's dtype.
+    With `glu` ("concat" or "interleaved"), w1 is [2*hidden, in] and b1 [2*hidden] in that layout,
+    and the expert is fc2(gated(x W_gate^T + b_gate, x W_up^T + b_up))."""
+    if glu is None:
+        h = x @ w1.t()
+        if b1 is not None:
+            h = h + b1
+        h = activation(h, act)
+    else:
+        wg, wu = split_gate_up(w1, glu)
+        gate, up_ = x @ wg.t(), x @ wu.t()
+        if b1 is not None:
+            bg, bu = split_gate_up(b1, glu)
+            gate, up_ = gate + bg, up_ + bu
+        h = gated(gate, up_, act, dtype)
+    y = h @ w2.t()
     if b2 is not None:
         y = y + b2
     return y
@@ -252,8 +303,12 @@ def moe_oracle(
     expert_ids: torch.Tensor | None = None,
     *,
     dtype: torch.dtype | None = None,
+    glu: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """CuMo's MoE MLP block in float64: (y, balance, z, expert_ids).
+
+    `glu` ("concat" or "interleaved"): gated experts (issue 23), w1 [E, 2*hidden, in] and b1
+    [E, 2*hidden] in that row layout (`dense_mlp_oracle`).
 
     Inputs may be of any float dtype; tensors that are float64 leaves requiring grad are used as
     they are (so the caller can differentiate), others are upcast. The probabilities are rounded
@@ -281,7 +336,14 @@ def moe_oracle(
     y = None
     for e in range(num_experts):
         ye = dense_mlp_oracle(
-            xf, w1_64[e], None if b1_64 is None else b1_64[e], w2_64[e], None if b2_64 is None else b2_64[e], activation
+            xf,
+            w1_64[e],
+            None if b1_64 is None else b1_64[e],
+            w2_64[e],
+            None if b2_64 is None else b2_64[e],
+            activation,
+            glu,
+            dtype,
         )
         coef = (weights * (ids == e).to(F64)).sum(dim=-1, keepdim=True)  # [T, 1]
         term = torch.where(coef != 0, coef * ye, torch.zeros_like(ye))

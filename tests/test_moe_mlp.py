@@ -24,10 +24,12 @@ D_IN, HIDDEN, D_OUT = 13, 19, 11  # not multiples of 4, 8 or 16
 PARAMS = ("x", "gate_weight", "w1", "b1", "w2", "b2")
 
 
-def _run(inputs, top_k, activation, backend, g):
-    """moe_mlp on fresh leaves: outputs, the backend's expert ids and the gradients per loss."""
+def _run(inputs, top_k, activation, backend, g, glu=None):
+    """moe_mlp on fresh leaves: outputs, the backend's expert ids and the gradients per loss.
+    (Leaves keep the inputs' strides: clone() preserves a transposed w1's.)"""
     leaves = {n: (None if t is None else t.detach().clone().requires_grad_()) for n, t in inputs.items()}
-    y, balance, z = cumo_kernels.moe_mlp(**leaves, top_k=top_k, activation=activation, backend=backend)
+    kw = {} if glu is None else {"glu": glu}
+    y, balance, z = cumo_kernels.moe_mlp(**leaves, top_k=top_k, activation=activation, backend=backend, **kw)
     ids = layer_ids(leaves["x"], leaves["gate_weight"], top_k, backend)
     grads = _loss_grads(y, balance, z, g, leaves)
     return {"y": y, "balance": balance, "z": z}, ids, grads
@@ -67,16 +69,16 @@ def _loss_grads(y, balance, z, g, leaves):
     return out
 
 
-def check_moe(inputs, top_k, activation, dtype, device, backend, seed=0):
+def check_moe(inputs, top_k, activation, dtype, device, backend, seed=0, glu=None):
     """Compare moe_mlp (values, ids, every gradient) with the float64 oracle, per the numerics
-    policy. Returns the backend's expert ids."""
+    policy. Returns the backend's expert ids. `glu` ("concat" or "interleaved"): gated experts."""
     x = inputs["x"]
     g = torch.randn(*x.shape[:-1], inputs["w2"].shape[1], generator=seeded(seed + 1)).to(device=device, dtype=dtype)
     poison(device)
-    outs, ids, grads = _run(inputs, top_k, activation, backend, g)
+    outs, ids, grads = _run(inputs, top_k, activation, backend, g, glu)
     base = None
     if backend != "torch" and dtype != F32:
-        base = _run(inputs, top_k, activation, "torch", g)
+        base = _run(inputs, top_k, activation, "torch", g, glu)
 
     y, balance, z = outs["y"], outs["balance"], outs["z"]
     assert y.shape == (*x.shape[:-1], inputs["w2"].shape[1]) and y.dtype == dtype
@@ -84,7 +86,7 @@ def check_moe(inputs, top_k, activation, dtype, device, backend, seed=0):
     assert z.shape == () and z.dtype == dtype
 
     # (a) the expert choice: exactly the oracle's in float32; in low precision except near ties.
-    _, _, _, own_ids = oracle.moe_oracle(**inputs, top_k=top_k, activation=activation)
+    _, _, _, own_ids = oracle.moe_oracle(**inputs, top_k=top_k, activation=activation, glu=glu)
     if dtype == F32:
         assert torch.equal(ids.cpu(), own_ids.cpu()), "expert ids differ from the oracle's"
     else:
@@ -97,7 +99,9 @@ def check_moe(inputs, top_k, activation, dtype, device, backend, seed=0):
 
     # (b) values and gradients against the oracle evaluated on the backend's own ids.
     leaves64 = {n: oracle.up(t, True) for n, t in inputs.items()}
-    y64, bal64, z64, _ = oracle.moe_oracle(**leaves64, top_k=top_k, activation=activation, expert_ids=ids, dtype=dtype)
+    y64, bal64, z64, _ = oracle.moe_oracle(
+        **leaves64, top_k=top_k, activation=activation, expert_ids=ids, dtype=dtype, glu=glu
+    )
     refs = {"y": y64, "balance": bal64, "z": z64}
     ref_grads = _loss_grads(y64, bal64, z64, g.double(), leaves64)
     for name in ("y", "balance", "z"):

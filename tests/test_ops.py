@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ACTIVATIONS, DTYPES, LOW, poison, seeded, skip_unsupported
+from test_glu import glu_op_samples
 from test_triton_fused import fused_op_samples
 
 import cumo_kernels
@@ -467,7 +468,7 @@ def _op_samples(backend: str) -> dict[str, list[tuple]]:
             (xs.detach(), w1.detach(), None, w2, None, offsets, "none", backend),
         ],
     }
-    return samples | fused_op_samples(backend)  # the fused ops' samples live with their tests
+    return samples | fused_op_samples(backend) | glu_op_samples(backend)  # those ops' samples live with their tests
 
 
 def _provides(backend: str, op_name: str) -> bool:

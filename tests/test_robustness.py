@@ -27,7 +27,7 @@ _NO_FLOAT_INPUT = {"sort_experts"}
 _WITH_BACKWARD_OP = sorted(
     n
     for n in _cumo_ops()
-    if not n.endswith("_backward") and n not in _PLAIN_BACKWARD | _NO_FLOAT_INPUT | {"expert_mlp"}
+    if not n.endswith("_backward") and n not in _PLAIN_BACKWARD | _NO_FLOAT_INPUT | {"expert_mlp", "expert_mlp_glu"}
 )
 
 

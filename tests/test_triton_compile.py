@@ -29,10 +29,12 @@ gg = importlib.import_module("cumo_kernels.triton.grouped_linear")
 tma = importlib.import_module("cumo_kernels.triton.grouped_linear_tma")
 rt = importlib.import_module("cumo_kernels.triton.routing")
 pm = importlib.import_module("cumo_kernels.triton.permute")
+glu = importlib.import_module("cumo_kernels.triton.grouped_linear_glu")
 
 _I64 = {"offsets_ptr", "idx_ptr", "ids_ptr", "sort_ptr", "inv_ptr"}
 _F32 = {"ps_part", "fc_part", "z_part", "ps_ptr", "fc_ptr", "z_ptr", "gp_ptr", "gz_ptr"}
 _T = dict(BM=64, BN=64, BK=32, GROUP_M=8)
+_NO_GLU = dict(GLU=0, INTERLEAVED=False)
 
 # (kernel name, constexprs)
 VARIANTS = [
@@ -52,8 +54,26 @@ VARIANTS = [
         "_grouped_linear_tma_kernel",
         dict(HAS_BIAS=True, ACT=0, GATHER=False, SCATTER=True, STORE_PRE=False, PREC="ieee", **_T),
     ),
-    ("_grouped_linear_dx_kernel", dict(GATHER_G=False, SCATTER=True, GW=False, PREC="ieee", **_T)),
-    ("_grouped_linear_dx_kernel", dict(GATHER_G=True, SCATTER=False, GW=True, PREC="ieee", **_T)),
+    ("_grouped_linear_dx_kernel", dict(GATHER_G=False, SCATTER=True, GW=False, **_NO_GLU, PREC="ieee", **_T)),
+    ("_grouped_linear_dx_kernel", dict(GATHER_G=True, SCATTER=False, GW=True, **_NO_GLU, PREC="ieee", **_T)),
+    # gated experts (issue 23): fc2's dX with the gated derivative in its epilogue, the gated forward
+    (
+        "_grouped_linear_dx_kernel",
+        dict(GATHER_G=True, SCATTER=False, GW=True, GLU=4, INTERLEAVED=False, PREC="ieee", **_T),
+    ),
+    (
+        "_grouped_linear_dx_kernel",
+        dict(GATHER_G=True, SCATTER=False, GW=True, GLU=7, INTERLEAVED=True, PREC="ieee", **_T),
+    ),
+    (
+        "_glu_fwd_kernel",
+        dict(HAS_BIAS=True, ACT=4, GATHER=True, SCATTER=False, STORE_PRE=True, PREC="ieee", INTERLEAVED=False, **_T),
+    ),
+    (
+        "_glu_fwd_kernel",
+        dict(HAS_BIAS=False, ACT=7, GATHER=False, SCATTER=False, STORE_PRE=False, PREC="ieee", INTERLEAVED=True, **_T),
+    ),
+    ("_glu_grad_kernel", dict(ACT=7, INTERLEAVED=True, BLOCK=1024)),
     ("_grouped_linear_dw_kernel", dict(HAS_BIAS=True, GATHER_X=True, GATHER_G=False, PREC="ieee", **_T)),
     ("_grouped_linear_dw_kernel", dict(HAS_BIAS=True, GATHER_X=False, GATHER_G=True, PREC="ieee", **_T)),
     ("_act_grad_kernel", dict(ACT=2, BLOCK=1024)),
@@ -74,7 +94,7 @@ VARIANTS = [
 
 
 def _kernel(name: str):
-    for mod in (gg, tma, rt, pm):
+    for mod in (gg, tma, rt, pm, glu):
         if hasattr(mod, name):
             return getattr(mod, name)
     raise KeyError(name)
@@ -133,9 +153,15 @@ _GEMM = [
     ("forward", "_grouped_linear_kernel", dict(HAS_BIAS=True, ACT=1, GATHER=True, SCATTER=False, STORE_PRE=True)),
     ("forward", "_grouped_linear_tma_kernel", dict(HAS_BIAS=True, ACT=1, GATHER=True, SCATTER=False, STORE_PRE=True)),
     ("forward", "_grouped_linear_tma_kernel", dict(HAS_BIAS=True, ACT=0, GATHER=False, SCATTER=True, STORE_PRE=False)),
-    ("dX", "_grouped_linear_dx_kernel", dict(GATHER_G=False, SCATTER=True, GW=False)),
-    ("dX", "_grouped_linear_dx_kernel", dict(GATHER_G=True, SCATTER=False, GW=True)),
-    ("dX", "_grouped_linear_dx_kernel", dict(GATHER_G=False, SCATTER=False, GW=False)),
+    ("dX", "_grouped_linear_dx_kernel", dict(GATHER_G=False, SCATTER=True, GW=False, **_NO_GLU)),
+    ("dX", "_grouped_linear_dx_kernel", dict(GATHER_G=True, SCATTER=False, GW=True, **_NO_GLU)),
+    ("dX", "_grouped_linear_dx_kernel", dict(GATHER_G=False, SCATTER=False, GW=False, **_NO_GLU)),
+    ("dX", "_grouped_linear_dx_kernel", dict(GATHER_G=True, SCATTER=False, GW=True, GLU=7, INTERLEAVED=True)),
+    (
+        "glu_forward",
+        "_glu_fwd_kernel",
+        dict(HAS_BIAS=True, ACT=4, GATHER=True, SCATTER=False, STORE_PRE=True, INTERLEAVED=False),
+    ),
     ("dW", "_grouped_linear_dw_kernel", dict(HAS_BIAS=True, GATHER_X=True, GATHER_G=False)),
     ("dW", "_grouped_linear_dw_kernel", dict(HAS_BIAS=True, GATHER_X=False, GATHER_G=True)),
     ("dW", "_grouped_linear_dw_kernel", dict(HAS_BIAS=False, GATHER_X=False, GATHER_G=False)),
@@ -152,6 +178,16 @@ _DOTS = [
     ("fp32", "tf32", False),
 ]
 _ELT = {"fp32": 4, "fp16": 2, "bf16": 2}
+_ESTIMATES = {**gg.SMEM_ESTIMATES, "glu_forward": glu.smem_glu_fwd}
+
+
+def _gemm_configs(name: str, consts: dict) -> list:
+    """The autotune set a GEMM variant launches with (the gated ones: register-limited subsets)."""
+    if consts.get("GLU"):
+        return gg.configs_within(gg.GLU_DX_REGS)
+    if name == "_glu_fwd_kernel":
+        return glu.glu_fwd_configs()
+    return gg._configs()
 
 
 def _gemm_id(v) -> str:
@@ -170,8 +206,8 @@ def test_gemm_shared_memory_estimate_sm90(variant, dot):
 
     kernel, name, consts = variant
     dtype, prec, aligned = dot
-    est, elt, limit = gg.SMEM_ESTIMATES[kernel], _ELT[dtype], _common.SMEM_SM90
-    configs = gg._configs()
+    est, elt, limit = _ESTIMATES[kernel], _ELT[dtype], _common.SMEM_SM90
+    configs = _gemm_configs(name, consts)
     kept = [_common.config_meta(c) for c in _common.smem_fits(configs, est, elt, limit)]
     failures, table = [], []
     for cfg in configs:
@@ -242,7 +278,7 @@ def test_gemm_configs_do_not_spill_sm90(variant, dtype):
     GPU launch has: ptxas (the triton wheel's, -v) reports no register spill."""
     _, name, consts = variant
     failures = []
-    for cfg in gg._configs():
+    for cfg in _gemm_configs(name, consts):
         opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         k = _compile(name, {**consts, "PREC": "ieee", "GROUP_M": 8, **cfg.kwargs}, dtype, 90, opts, True)
         stores, loads, report = _ptxas_spills(k.asm["ptx"])

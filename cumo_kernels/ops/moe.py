@@ -24,6 +24,15 @@ from torch import Tensor
 from .. import dispatch, tuning
 from ._common import check_activation, check_device, check_float, check_shape, check_top_k, needs_grad
 from .grouped_linear import _expert_mlp, _grouped_linear, _grouped_linear_combine, _grouped_linear_gather
+from .grouped_linear_glu import (
+    GLU_LAYOUTS,
+    _expert_mlp_glu,
+    _grouped_linear_glu,
+    _grouped_linear_glu_combine,
+    _grouped_linear_glu_gather,
+    check_glu_activation,
+    check_w1_glu,
+)
 from .permute import _permute, _sort_experts, _unpermute
 from .routing import Routing, _aux_losses, _route, _route_x
 
@@ -155,17 +164,27 @@ def moe_mlp(
     *,
     top_k: int,
     activation: str = "quick_gelu",
+    glu: bool | str = False,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """CuMo's sparse top-k MoE MLP block (CUMO.md, "Routing and the auxiliary losses").
+    """CuMo's sparse top-k MoE MLP block (CUMO.md, "Routing and the auxiliary losses"), with plain
+    experts fc2(act(fc1 x)) or gated ones fc2(act(x W_gate^T + b_gate) * (x W_up^T + b_up)).
 
     Args:
         x: [T, in] (one sample) or [B, N, in] (balance statistics per sample along dim 0).
         gate_weight: [E, in], the bias-free router.
-        w1: [E, hidden, in]; b1: [E, hidden] or None (fc1 of each expert).
+        w1: [E, hidden, in]; b1: [E, hidden] or None (fc1 of each expert). With `glu`:
+            w1 [E, 2*hidden, in] holding each expert's gate rows and up rows, b1 [E, 2*hidden] or
+            None in the same row layout; any strides (a weight stored transposed, [E, in,
+            2*hidden], is passed as `w.transpose(1, 2)` and read in place, never copied).
         w2: [E, out, hidden]; b2: [E, out] or None (fc2 of each expert).
         top_k: experts per token, 1 <= top_k <= E.
-        activation: "quick_gelu" (CLIP), "gelu" (erf; the connector), "gelu_tanh", "silu", "relu".
+        activation: "quick_gelu" (CLIP), "gelu" (erf; the connector), "gelu_tanh", "silu", "relu",
+            "relu2" (relu(x)^2); with `glu` the gate's activation ("silu": SwiGLU, "gelu" /
+            "gelu_tanh": GeGLU, ...) or "gpt_oss_swiglu" (GPT-OSS's clamped SwiGLU).
+        glu: False (plain experts), True or "concat" (gated; w1's gate rows then its up rows, as
+            transformers' `gate_up_proj`), or "interleaved" (gated; gate and up rows alternating,
+            g0, u0, g1, u1, ..., as GPT-OSS stores them).
         backend: None (then $CUMO_KERNELS_BACKEND, else "auto"), "auto", "torch", "triton", "cuda".
 
     Returns:
@@ -203,12 +222,16 @@ def moe_mlp(
         )
     check_shape("gate_weight", gate_weight, (e, d_in), f"E, in with in = x.shape[-1] = {d_in}")
     check_float("w1", w1, x.dtype)
-    check_shape("w1", w1, (e, None, d_in), f"E={e} experts, hidden, in={d_in}")
-    hidden = w1.shape[1]
+    layout = glu_layout(glu)
+    if layout is None:
+        check_shape("w1", w1, (e, None, d_in), f"E={e} experts, hidden, in={d_in}")
+        hidden = w1.shape[1]
+    else:
+        hidden = check_w1_glu(w1, e, d_in)
     check_float("w2", w2, x.dtype)
     check_shape("w2", w2, (e, None, hidden), f"E={e} experts, out, hidden={hidden}")
     d_out = w2.shape[1]
-    for name, b, n in (("b1", b1, hidden), ("b2", b2, d_out)):
+    for name, b, n in (("b1", b1, w1.shape[1]), ("b2", b2, d_out)):
         if b is not None:
             check_float(name, b, x.dtype)
             check_shape(name, b, (e, n), f"E={e}, {n}")
@@ -216,11 +239,16 @@ def moe_mlp(
         if t is not None:
             check_device(name, t, x.device)
     check_top_k(top_k, e)
-    check_activation(activation)
+    if layout is None:
+        check_activation(activation)
+    else:
+        check_glu_activation(activation)
     # One backend for the whole call, chosen here from every candidate's reasons.
-    name = dispatch.choose(
-        backend, x.device, x.dtype, e, workload=_workload(x, hidden, d_out, e, top_k, (x, gate_weight, w1, b1, w2, b2))
-    )
+    # (Gated calls take auto's static order: no GPU run has measured one; tuning.Workload is the
+    # plain layer's.)
+    tensors = (x, gate_weight, w1, b1, w2, b2)
+    workload = _workload(x, hidden, d_out, e, top_k, tensors) if layout is None else None
+    name = dispatch.choose(backend, x.device, x.dtype, e, workload=workload)
 
     lead = x.shape[:-1]
     samples = x.shape[0] if x.dim() == 3 else 1
@@ -234,8 +262,95 @@ def moe_mlp(
         y = x.new_zeros(*lead, d_out) + zero.to(x.dtype)
         return y, zero, zero.to(x.dtype) + 0
 
-    y, stats = _COMPOSITIONS[dispatch.composition(name)](
-        x2, gate_weight, _weights(w1, b1, w2, b2), top_k, activation, samples, name
-    )
+    if layout is not None:
+        # gated experts: w1 and b1 as the caller holds them (read through their strides)
+        weights = (w1, b1, w2.contiguous(), None if b2 is None else b2.contiguous())
+        y, stats = _GLU_COMPOSITIONS[dispatch.composition(name)](
+            x2, gate_weight, weights, top_k, activation, layout == "interleaved", samples, name
+        )
+    else:
+        y, stats = _COMPOSITIONS[dispatch.composition(name)](
+            x2, gate_weight, _weights(w1, b1, w2, b2), top_k, activation, samples, name
+        )
     balance, z = _aux_losses(*stats, t // samples)
     return _out(y, (*lead, d_out)), balance, z.to(x.dtype)
+
+
+def glu_layout(glu: object) -> str | None:
+    """`moe_mlp`'s glu argument as a layout: None (plain experts), "concat" or "interleaved"."""
+    if glu is False:
+        return None
+    if glu is True:
+        return "concat"
+    if isinstance(glu, str) and glu in GLU_LAYOUTS:
+        return glu
+    raise ValueError(f"glu: expected False, True, 'concat' or 'interleaved', got {glu!r}")
+
+
+def _unfused_glu(
+    x2: Tensor,
+    gate_weight: Tensor,
+    weights: tuple,
+    top_k: int,
+    activation: str,
+    interleaved: bool,
+    samples: int,
+    backend: str,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """The unfused composition of gated experts: as `_unfused`, the first layer cumo::grouped_linear_glu
+    (inference on CPU tensors with the feature "expert_mlp": cumo::expert_mlp_glu, both layers block
+    by block, no [T*k, 2*hidden] or [T*k, hidden] tensor)."""
+    w1, b1, w2, b2 = weights
+    e = gate_weight.shape[0]
+    logits = F.linear(x2, gate_weight)
+    probs, expert_ids, prob_sums, first_counts, z_sums = _route(logits, top_k, samples, backend)
+    x_sorted, sort_idx, offsets = _permute(x2.contiguous(), expert_ids, e, backend)
+    routing = Routing(probs, expert_ids, sort_idx, offsets, top_k, e)
+    if (
+        x2.device.type == "cpu"
+        and dispatch.has_feature(backend, "expert_mlp")
+        and not needs_grad(x2, gate_weight, w1, b1, w2, b2)
+    ):
+        y_sorted = _expert_mlp_glu(x_sorted, w1, b1, w2, b2, routing.offsets, activation, interleaved, backend)
+    else:
+        save_pre = needs_grad(x2, w1, b1)  # the pre-activation only where a backward through fc1 follows
+        h, _ = _grouped_linear_glu(x_sorted, w1, b1, routing.offsets, activation, interleaved, save_pre, backend)
+        y_sorted = _grouped_linear(h, w2, b2, routing.offsets, "none", backend)[0]
+    return _unpermute(y_sorted, routing.sort_idx, routing.weights, backend), (prob_sums, first_counts, z_sums)
+
+
+def _fused_glu(
+    x2: Tensor,
+    gate_weight: Tensor,
+    weights: tuple,
+    top_k: int,
+    activation: str,
+    interleaved: bool,
+    samples: int,
+    backend: str,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """The fused composition of gated experts: routing from x, cumo::grouped_linear_glu_gather (the
+    gate and up tiles together, x gathered on load), then fc2 with the combine: in training
+    cumo::grouped_linear_glu_combine, whose backward applies the gated derivative in the epilogue
+    of the kernel producing grad_h and hands grad_pre to fc1."""
+    w1, b1, w2, b2 = weights
+    e = gate_weight.shape[0]
+    probs, expert_ids, prob_sums, first_counts, z_sums, _ = _route_x(
+        x2, gate_weight.contiguous(), top_k, samples, backend
+    )
+    sort_idx, offsets = _sort_experts(expert_ids, e, backend)
+    r = Routing(probs, expert_ids, sort_idx, offsets, top_k, e)
+    save_pre = needs_grad(x2, w1, b1)
+    h, pre = _grouped_linear_glu_gather(
+        x2, w1, b1, r.sort_idx, r.offsets, r.top_k, activation, interleaved, save_pre, backend
+    )
+    if save_pre:
+        y, _ = _grouped_linear_glu_combine(
+            h, pre, w2, b2, r.sort_idx, r.offsets, r.weights, activation, interleaved, backend
+        )
+    else:
+        y, _ = _grouped_linear_combine(h, w2, b2, r.sort_idx, r.offsets, r.weights, backend)
+    return y, (prob_sums, first_counts, z_sums)
+
+
+_GLU_COMPOSITIONS = {"unfused": _unfused_glu, "fused": _fused_glu}

@@ -23,6 +23,15 @@ from .grouped_linear import (
     grouped_linear_gather,
     grouped_linear_gather_backward,
 )
+from .grouped_linear_glu import (
+    expert_mlp_glu,
+    grouped_linear_glu,
+    grouped_linear_glu_backward,
+    grouped_linear_glu_combine,
+    grouped_linear_glu_combine_backward,
+    grouped_linear_glu_gather,
+    grouped_linear_glu_gather_backward,
+)
 from .permute import permute, permute_backward, sort_experts, unpermute, unpermute_backward
 from .routing import aux_losses, route, route_backward, route_x, route_x_backward
 
@@ -48,12 +57,19 @@ __all__ = [
     "not_supported_reasons",
     "aux_losses",
     "expert_mlp",
+    "expert_mlp_glu",
     "grouped_linear",
     "grouped_linear_backward",
     "grouped_linear_combine",
     "grouped_linear_combine_backward",
     "grouped_linear_gather",
     "grouped_linear_gather_backward",
+    "grouped_linear_glu",
+    "grouped_linear_glu_backward",
+    "grouped_linear_glu_combine",
+    "grouped_linear_glu_combine_backward",
+    "grouped_linear_glu_gather",
+    "grouped_linear_glu_gather_backward",
     "permute",
     "permute_backward",
     "route",

@@ -23,6 +23,14 @@ from .grouped_linear import (
     grouped_linear_gather,
     grouped_linear_gather_backward,
 )
+from .grouped_linear_glu import (
+    grouped_linear_glu,
+    grouped_linear_glu_backward,
+    grouped_linear_glu_combine,
+    grouped_linear_glu_combine_backward,
+    grouped_linear_glu_gather,
+    grouped_linear_glu_gather_backward,
+)
 from .permute import permute, permute_backward, sort_experts, unpermute, unpermute_backward
 from .routing import route, route_backward, route_x, route_x_backward
 
@@ -69,6 +77,12 @@ __all__ = [
     "grouped_linear_combine_backward",
     "grouped_linear_gather",
     "grouped_linear_gather_backward",
+    "grouped_linear_glu",
+    "grouped_linear_glu_backward",
+    "grouped_linear_glu_combine",
+    "grouped_linear_glu_combine_backward",
+    "grouped_linear_glu_gather",
+    "grouped_linear_glu_gather_backward",
     "not_supported_reasons",
     "permute",
     "permute_backward",

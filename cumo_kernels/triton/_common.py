@@ -23,7 +23,16 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 # Activation codes (constexpr arguments of the kernels).
-ACT_CODES: dict[str, int] = {"none": 0, "quick_gelu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "relu": 5}
+ACT_CODES: dict[str, int] = {
+    "none": 0,
+    "quick_gelu": 1,
+    "gelu": 2,
+    "gelu_tanh": 3,
+    "silu": 4,
+    "relu": 5,
+    "relu2": 6,
+    "gpt_oss_swiglu": 7,  # gated only (glu_fwd / glu_grad)
+}
 
 
 def check_dtype(name: str, t: torch.Tensor) -> None:
@@ -227,6 +236,9 @@ def act_fwd(v, ACT: tl.constexpr):
         out = v * tl.sigmoid(v)
     elif ACT == 5:
         out = tl.maximum(v, 0.0)
+    elif ACT == 6:
+        r = tl.maximum(v, 0.0)
+        out = r * r
     return out
 
 
@@ -248,4 +260,48 @@ def act_grad(v, ACT: tl.constexpr):
         out = s * (1.0 + v * (1.0 - s))
     elif ACT == 5:
         out = tl.where(v > 0.0, 1.0, 0.0)
+    elif ACT == 6:
+        out = 2.0 * tl.maximum(v, 0.0)
     return out
+
+
+# GPT-OSS's clamped SwiGLU below: limit 7 and alpha 1.702 as cumo_kernels._activations.GLU_LIMIT,
+# GLU_ALPHA (literals: a jit function reads no Python globals that are not constexpr).
+
+
+@triton.jit
+def glu_cols(j, H, INTERLEAVED: tl.constexpr):
+    """w1's (gate row, up row) of hidden column j, which are also the pre-activation's columns:
+    (j, H + j) concatenated, (2j, 2j + 1) interleaved."""
+    if INTERLEAVED:
+        return 2 * j, 2 * j + 1
+    return j, H + j
+
+
+@triton.jit
+def glu_fwd(g, u, ACT: tl.constexpr):
+    """The gated activation a(g) * b(u) for float32 g, u: act(g) * u, or GPT-OSS's clamped pair (ACT 7)."""
+    if ACT == 7:
+        gc = tl.minimum(g, 7.0)
+        uc = tl.minimum(tl.maximum(u, -7.0), 7.0)
+        out = gc * tl.sigmoid(1.702 * gc) * (uc + 1.0)
+    else:
+        out = act_fwd(g, ACT) * u
+    return out
+
+
+@triton.jit
+def glu_grad(gh, g, u, ACT: tl.constexpr):
+    """(d/dg, d/du) of gh * a(g) * b(u), float32; the clamps pass the gradient inside their closed
+    bounds only (torch.clamp's gradient)."""
+    if ACT == 7:
+        gc = tl.minimum(g, 7.0)
+        s = tl.sigmoid(1.702 * gc)
+        da = tl.where(g <= 7.0, s + 1.702 * gc * s * (1.0 - s), 0.0)
+        b = tl.minimum(tl.maximum(u, -7.0), 7.0) + 1.0
+        dg = gh * b * da
+        du = tl.where((u >= -7.0) & (u <= 7.0), gh * gc * s, 0.0)
+    else:
+        dg = gh * u * act_grad(g, ACT)
+        du = gh * act_fwd(g, ACT)
+    return dg, du

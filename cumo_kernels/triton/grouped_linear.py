@@ -45,6 +45,8 @@ from ._common import (
     check_dtype,
     config_meta,
     dot_precision,
+    glu_cols,
+    glu_grad,
     launch,
     on_tensor_device,
     smem_fits,
@@ -73,7 +75,7 @@ def _configs() -> list:
 # timing is not reused across variants that compile to different code).
 _KEY = ["N", "K", "M_BUCKET"]
 _FWD_KEY = _KEY + ["HAS_BIAS", "ACT", "GATHER", "SCATTER", "STORE_PRE", "PREC"]
-_DX_KEY = _KEY + ["GATHER_G", "SCATTER", "GW", "PREC"]
+_DX_KEY = _KEY + ["GATHER_G", "SCATTER", "GW", "GLU", "INTERLEAVED", "PREC"]
 _DW_KEY = _KEY + ["HAS_BIAS", "GATHER_X", "GATHER_G", "PREC"]
 # Row tiles (dW: N blocks) per group of the grouped tile order.
 GROUP = 8
@@ -114,23 +116,42 @@ def _find_tile(offsets_ptr, E, M, pid, BM: tl.constexpr):
     """(expert, first row, end row) of the pid-th tile of BM rows: the experts' tiles in order,
     then those of the rows offsets[E]:M (expert E: dropped slots, stored as zeros); expert -1 past
     the last tile. Expert e's rows run from the previous end to offsets[e+1] clamped into
-    [previous end, M]."""
+    [previous end, M].
+
+    Experts are taken CH at a time as vectors (issue 23: many small experts): a chunk loads its
+    experts' ends offsets[e+1] and starts offsets[e], clamps them into [0, M] and makes them
+    non-decreasing with a running max (carried from chunk to chunk), counts each expert's tiles and
+    their prefix sum, and picks the one lane whose tile range holds pid. The running max and the
+    prefix sum are CH x CH masked reductions (not scans: the interpreter runs those element by
+    element). ceil((E+1)/CH) steps of vector work per program instead of E+1 dependent scalar
+    loads (E = 128: 5 steps, not 129)."""
+    CH: tl.constexpr = 32
     zero = tl.load(offsets_ptr) * 0
     e_sel = zero - 1
     row0 = zero
     row_end = zero
-    acc = zero
-    s = zero
-    for e in range(E + 1):
-        t = tl.load(offsets_ptr + tl.minimum(e + 1, E))
-        t = tl.where(e < E, tl.minimum(tl.maximum(t, s), M), M)
-        n_t = (t - s + BM - 1) // BM
-        hit = (pid >= acc) & (pid < acc + n_t)
-        e_sel = tl.where(hit, e, e_sel)
-        row0 = tl.where(hit, s + (pid - acc) * BM, row0)
-        row_end = tl.where(hit, t, row_end)
-        acc += n_t
-        s = t
+    acc = zero  # tiles of the experts before this chunk
+    s = zero  # end of the previous chunk's last expert
+    lane = tl.arange(0, CH)
+    upto = lane[None, :] <= lane[:, None]  # [i, j]: j <= i
+    for c0 in range(0, E + 1, CH):
+        es = c0 + lane
+        a = tl.load(offsets_ptr + tl.minimum(es + 1, E), mask=es < E, other=0)
+        a = tl.where(es < E, tl.minimum(tl.maximum(a, 0), M), M)
+        b = tl.load(offsets_ptr + tl.minimum(es, E), mask=(es > 0) & (es <= E), other=0)
+        b = tl.where(es <= E, tl.minimum(tl.maximum(b, 0), M), M)
+        t = tl.maximum(tl.max(tl.where(upto, a[None, :], 0), 1), s)  # ends, non-decreasing
+        st = tl.maximum(tl.max(tl.where(upto, b[None, :], 0), 1), s)  # starts: the previous end
+        n_t = (t - st + BM - 1) // BM
+        incl = tl.sum(tl.where(upto, n_t[None, :], 0), 1) + acc
+        excl = incl - n_t
+        hit = (pid >= excl) & (pid < incl)
+        found = tl.sum(hit.to(tl.int32), 0) > 0
+        e_sel = tl.where(found, tl.max(tl.where(hit, es, -1), 0), e_sel)
+        row0 = tl.where(found, tl.sum(tl.where(hit, st + (pid - excl) * BM, 0), 0), row0)
+        row_end = tl.where(found, tl.sum(tl.where(hit, t, 0), 0), row_end)
+        acc += tl.sum(n_t, 0)
+        s = tl.max(t, 0)
     return e_sel, row0, row_end
 
 
@@ -316,15 +337,21 @@ def _grouped_linear_dx_kernel(
     rw_ptr,
     ys_ptr,
     grw_ptr,
+    pre_ptr,
     M,
     N,
     K,
     E,
     top_k,
     M_BUCKET,
+    s_we,
+    s_wn,
+    s_wk,
     GATHER_G: tl.constexpr,
     SCATTER: tl.constexpr,
     GW: tl.constexpr,
+    GLU: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
     PREC: tl.constexpr,
     GROUP_M: tl.constexpr,
     BM: tl.constexpr,
@@ -332,12 +359,17 @@ def _grouped_linear_dx_kernel(
     BK: tl.constexpr,
 ):
     """dx[rows, ks] = sum_n g[rows, n] * w[e, n, ks] (w[e] is [N, K]): an output tile of BM rows
-    by BN columns of K, reduction steps of BK over N."""
+    by BN columns of K, reduction steps of BK over N.
+
+    GLU (a gated activation's code, issue 23): dx is grad_h of a gated first layer whose
+    pre-activation pre [M, 2K] (columns in w1's row order) is given; the epilogue applies the gated
+    derivative and stores grad_pre [M, 2K] instead (grad_h rounded to the dtype first, as the
+    unfused path rounds it): grad_h never reaches memory."""
     pid_m, pid_n = _tile_of(tl.program_id(0), M, E, K, BM, BN, GROUP_M)
     e_sel, _, rows, rmask, slot, _, ks, kmask, e_safe, live = _row_tile(
         offsets_ptr, idx_ptr, E, M, K, top_k, pid_m, pid_n, GATHER_G, SCATTER, BM, BN
     )
-    w_base = w_ptr + e_safe * N * K
+    w_base = w_ptr + e_safe.to(tl.int64) * s_we
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     gw = tl.zeros([BM], dtype=tl.float32)
     # a [BM] tensor, not the scalar pid_n == 0: Triton 3.9's interpreter refuses a load/store mask
@@ -348,7 +380,7 @@ def _grouped_linear_dx_kernel(
         ns = n0 + tl.arange(0, BK)
         nmask = ns < N
         g = _load_grad(g_ptr, rw_ptr, rows, slot, rmask, ns, nmask, N, top_k, GATHER_G)
-        wt = tl.load(w_base + ns[:, None] * K + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        wt = tl.load(w_base + ns[:, None] * s_wn + ks[None, :] * s_wk, mask=nmask[:, None] & kmask[None, :], other=0.0)
         acc = tl.dot(g, wt, acc, input_precision=PREC)
         if GW:
             m = rmask[:, None] & nmask[None, :] & first[:, None]
@@ -358,7 +390,17 @@ def _grouped_linear_dx_kernel(
     orow = rows
     if SCATTER:
         orow = slot
-    tl.store(dx_ptr + orow[:, None] * K + ks[None, :], acc.to(dx_ptr.dtype.element_ty), mask=rmask[:, None] & kmask)
+    if GLU != 0:
+        gcol, ucol = glu_cols(ks, K, INTERLEAVED)
+        pm = rmask[:, None] & kmask[None, :]
+        gh = acc.to(dx_ptr.dtype.element_ty).to(tl.float32)
+        pg = tl.load(pre_ptr + rows[:, None] * (2 * K) + gcol[None, :], mask=pm, other=0.0).to(tl.float32)
+        pu = tl.load(pre_ptr + rows[:, None] * (2 * K) + ucol[None, :], mask=pm, other=0.0).to(tl.float32)
+        dg, du = glu_grad(gh, pg, pu, GLU)
+        tl.store(dx_ptr + orow[:, None] * (2 * K) + gcol[None, :], dg.to(dx_ptr.dtype.element_ty), mask=pm)
+        tl.store(dx_ptr + orow[:, None] * (2 * K) + ucol[None, :], du.to(dx_ptr.dtype.element_ty), mask=pm)
+    else:
+        tl.store(dx_ptr + orow[:, None] * K + ks[None, :], acc.to(dx_ptr.dtype.element_ty), mask=rmask[:, None] & kmask)
     if GW:
         tl.store(grw_ptr + slot, gw.to(grw_ptr.dtype.element_ty), mask=rmask & first)
 
@@ -378,6 +420,9 @@ def _grouped_linear_dw_kernel(
     E,
     top_k,
     M_BUCKET,
+    s_we,
+    s_wn,
+    s_wk,
     HAS_BIAS: tl.constexpr,
     GATHER_X: tl.constexpr,
     GATHER_G: tl.constexpr,
@@ -420,7 +465,7 @@ def _grouped_linear_dw_kernel(
         acc = tl.dot(tl.trans(g), xt, acc, input_precision=PREC)
         if HAS_BIAS:
             db += tl.sum(g.to(tl.float32), axis=0)
-    w_off = e.to(tl.int64) * N * K + ns[:, None] * K + ks[None, :]
+    w_off = e.to(tl.int64) * s_we + ns[:, None] * s_wn + ks[None, :] * s_wk
     tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
     if HAS_BIAS:
         if pid_k == 0:  # a branch, not a mask `& (pid_k == 0)` (see the dX kernel's `first`)
@@ -429,6 +474,17 @@ def _grouped_linear_dw_kernel(
 
 _fwd = autotuned(_grouped_linear_kernel, _configs(), _FWD_KEY, smem_fwd)
 _dx = autotuned(_grouped_linear_dx_kernel, _configs(), _DX_KEY, smem_dx)
+
+
+def configs_within(regs: int) -> list:
+    """The autotune configs whose float32 BM x BN tile takes at most `regs` registers per thread
+    (BM * BN / (32 * num_warps)). The gated epilogue of dX holds five such tiles (grad_h, gate, up
+    and their two gradients): ptxas spills with 64 per tile (sm90, bf16, tests/test_triton_compile.py)."""
+    return [c for c in _configs() if c.kwargs["BM"] * c.kwargs["BN"] // (32 * c.num_warps) <= regs]
+
+
+GLU_DX_REGS = 32
+_dx_glu = autotuned(_grouped_linear_dx_kernel, configs_within(GLU_DX_REGS), _DX_KEY, smem_dx)
 _dw = autotuned(_grouped_linear_dw_kernel, _configs(), _DW_KEY, smem_dw)
 
 SMEM_ESTIMATES = {"forward": smem_fwd, "dX": smem_dx, "dW": smem_dw}
@@ -533,6 +589,8 @@ def launch_grouped_linear_backward(
     scatter_dx: bool = False,
     routing_weights: torch.Tensor | None = None,
     y_slot: torch.Tensor | None = None,
+    strided_weight: bool = False,
+    glu: tuple[str, bool, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dw, db or None, grad routing weights or None); two launches (dX, dW + db), after a
     third that forms grad * act'(pre) when `activation` is not "none".
@@ -542,15 +600,21 @@ def launch_grouped_linear_backward(
     slot order) then also gives the routing weights' gradient.
     gather_x: x is [T, K] in token order (the forward gathered it). scatter_dx: dx is written in
     slot order [T*k, K] (then summed over k by the caller).
+    strided_weight: read `weight` through its strides (a gated w1 in any layout, issue 23), and
+    write dw with the same strides; else weight is made contiguous first.
+    glu: (activation, interleaved, pre [M, 2K]) of the gated first layer whose output x is: dx is
+    then that layer's grad_pre [M, 2K], the gated derivative applied in the dX kernel's epilogue.
     """
     check_dtype("x", x)
-    grad, x, weight, offsets = grad.contiguous(), x.contiguous(), weight.contiguous(), offsets.contiguous()
+    grad, x, offsets = grad.contiguous(), x.contiguous(), offsets.contiguous()
+    if not strided_weight:
+        weight = weight.contiguous()
     e, n, k = weight.shape
     m = sort_idx.numel() if sort_idx is not None else x.shape[0]
     act = ACT_CODES[activation]
     gather_g = routing_weights is not None
     gw_on = gather_g and y_slot is not None
-    dx = torch.empty(m, k, dtype=x.dtype, device=x.device)
+    dx = torch.empty(m, 2 * k if glu is not None else k, dtype=x.dtype, device=x.device)
     dw = torch.empty_like(weight)
     db = torch.empty(e, n, dtype=weight.dtype, device=weight.device) if has_bias else None
     grw = torch.empty_like(routing_weights) if gw_on else None
@@ -571,20 +635,24 @@ def launch_grouped_linear_backward(
             rw,
             y_slot.contiguous() if gw_on else grad,
             grw if gw_on else grad,
+            glu[2].contiguous() if glu is not None else grad,
             m,
             n,
             k,
             e,
             top_k,
             bucket,
+            *weight.stride(),
             gather_g,
             scatter_dx,
             gw_on,
+            ACT_CODES[glu[0]] if glu is not None else 0,
+            glu is not None and glu[1],
             prec,
             GROUP,
         )
         dx_grid = lambda meta: ((triton.cdiv(m, meta["BM"]) + e + 1) * triton.cdiv(k, meta["BN"]),)  # noqa: E731
-        launch(_dx, dx_grid, dx_args, _FIXED)
+        launch(_dx_glu if glu is not None else _dx, dx_grid, dx_args, _FIXED)
     dw_args = (
         grad,
         x,
@@ -599,6 +667,7 @@ def launch_grouped_linear_backward(
         e,
         top_k,
         bucket,
+        *dw.stride(),
         has_bias,
         gather_x,
         gather_g,
