@@ -266,7 +266,7 @@ def test_workload_flops_are_the_benchmarks():
     from benchmarks.shapes import NAMED
 
     for shape in NAMED.values():
-        if shape.hf_family:  # a transformers family's block (gated; hf-* providers): no moe_mlp workload
+        if shape.glu:  # gated (ours, or a transformers family's block): moe_mlp passes no workload
             continue
         dims = {"in": shape.d_in, "hidden": shape.hidden, "out": shape.d_out, "experts": shape.experts}
         dims["top_k"] = shape.top_k
