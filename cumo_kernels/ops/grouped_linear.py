@@ -135,7 +135,7 @@ def grouped_linear(
         offsets: [E+1] int64 row offsets (rows offsets[e]:offsets[e+1] use expert e), with
             offsets[0] = 0, non-decreasing, offsets[E] <= M: rows offsets[E]:M belong to no
             expert (the dropped slots `permute` puts last) and are zero in y and in x's gradient.
-        activation: "none", "quick_gelu", "gelu", "gelu_tanh", "silu" or "relu".
+        activation: "none", "quick_gelu", "gelu", "gelu_tanh", "silu", "relu" or "relu2" (relu(x)^2).
         validate: check offsets' values (None: on CPU tensors, where it is free; True: also on
             CUDA, at the cost of one host sync; False: never). See `cumo_kernels.ops` ("Index
             inputs").
