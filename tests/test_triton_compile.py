@@ -184,7 +184,7 @@ _ESTIMATES = {**gg.SMEM_ESTIMATES, "glu_forward": glu.smem_glu_fwd}
 def _gemm_configs(name: str, consts: dict) -> list:
     """The autotune set a GEMM variant launches with (the gated ones: register-limited subsets)."""
     if consts.get("GLU"):
-        return gg.configs_within(gg.GLU_DX_REGS)
+        return gg.glu_dx_configs()
     if name == "_glu_fwd_kernel":
         return glu.glu_fwd_configs()
     return gg._configs()
