@@ -9,9 +9,11 @@ GPT-OSS, NemotronH, ...) with `@use_experts_implementation`, which looks up the 
 `fn(experts_module, hidden_states [T, H], top_k_index [T, k] int64, top_k_weights [T, k]) -> [T, H]`.
 Routing stays in the model; `experts_forward` below computes the experts with the public cumo ops:
 `permute` (group the slots by expert; ids >= num_experts are expert parallelism's sentinels and are
-dropped), `grouped_linear` for the up (or gate+up) and the down projection, and `unpermute` (the
-weighted combine back to token order). Each is a `cumo::` custom op on the backend that
-`CUMO_KERNELS_BACKEND` names (else "auto"), with its own backward, fake and torch.compile support.
+dropped), `grouped_linear_glu` (the fused gated first layer, where cumo has the model's gate) or
+`grouped_linear` (the up projection, or gate+up followed by the model's own gate), `grouped_linear`
+for the down projection, and `unpermute` (the weighted combine back to token order). Each is a
+`cumo::` custom op on the backend that `CUMO_KERNELS_BACKEND` names (else "auto"), with its own
+backward, fake and torch.compile support.
 
 This module is the only place of the package that imports transformers: `import cumo_kernels`
 never does.
@@ -25,12 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import dispatch
+from ._activations import GLU_ALPHA, GLU_LIMIT
 from .dispatch import resolve_name
-from .ops import grouped_linear, permute, unpermute
+from .ops import grouped_linear, grouped_linear_glu, permute, unpermute
 
 NAME = "cumo"
 
-__all__ = ["NAME", "activation_name", "experts_forward", "register"]
+__all__ = ["NAME", "activation_name", "experts_forward", "fused_gate", "register"]
 
 # Floating dtypes torch.autocast casts (float64 it leaves alone).
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
@@ -82,21 +86,59 @@ def _bias(module: torch.nn.Module, name: str) -> Tensor | None:
     return getattr(module, name + "_bias") if getattr(module, "has_bias", False) else None
 
 
+@functools.cache
+def _gate_kind(cls: type) -> str | None:
+    """How experts class `cls` gates: "default" (transformers' `_default_apply_gate`:
+    `act_fn(gate) * up` over the concatenated halves), "gpt_oss" (GPT-OSS's clamped SwiGLU over
+    interleaved columns), or None (a gate of the class's own, applied as the model's code)."""
+    apply_gate = getattr(cls, "_apply_gate", None)
+    from transformers.integrations import moe as hf_moe
+
+    if apply_gate is not None and apply_gate is getattr(hf_moe, "_default_apply_gate", None):
+        return "default"
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    except ImportError:  # a transformers without GPT-OSS
+        return None
+    return "gpt_oss" if apply_gate is GptOssExperts.__dict__.get("_apply_gate") else None
+
+
+def fused_gate(module: torch.nn.Module) -> tuple[str, str] | None:
+    """(activation, layout) of `grouped_linear_glu` that computes exactly what `module._apply_gate`
+    computes, or None when cumo has no fused kernel for the module's gate (then `_gated_up` runs the
+    model's own `_apply_gate` on the unfused pre-activations)."""
+    if "_apply_gate" in vars(module):  # replaced on the instance: the model's own code
+        return None
+    kind = _gate_kind(type(module))
+    if kind == "default":
+        act = activation_name(module.act_fn)
+        return None if act is None else (act, "concat")
+    if kind == "gpt_oss" and float(module.alpha) == GLU_ALPHA and float(module.limit) == GLU_LIMIT:
+        return "gpt_oss_swiglu", "interleaved"
+    return None
+
+
 def _gated_up(
     module: torch.nn.Module, x_sorted: Tensor, weight: Tensor, bias: Tensor | None, offsets: Tensor, backend: str
 ) -> Tensor:
     """The gated first layer of the experts: [M, H] grouped rows -> [M, I], the model's
-    `module._apply_gate(x W_e^T + b_e)` on each expert's rows (for the default gate
-    `act_fn(gate) * up` over the concatenated halves; GPT-OSS's clamped SwiGLU over interleaved
-    columns is its own `_apply_gate`). `weight` is [E, 2I, H] (a transposed view where the class
-    stores [E, H, 2I]), `bias` [E, 2I] or None.
+    `module._apply_gate(x W_e^T + b_e)` on each expert's rows. `weight` is [E, 2I, H] (a transposed
+    view where the class stores [E, H, 2I]), `bias` [E, 2I] or None.
 
-    Unfused today: the [M, 2I] pre-activations go to memory and the gate runs as the model's own
-    torch code (so every gate function of every class is computed exactly as the model computes
-    it). This is the one place to switch to a fused gated op: it would take `weight` through its
-    strides (`module.is_concatenated` says concatenated or interleaved rows), the activation from
-    `activation_name(module.act_fn)` (or GPT-OSS's `alpha`/`limit`), and keep this path for a
-    gate it has no kernel for."""
+    Fused where cumo has the module's gate (`fused_gate`: transformers' default gate with an
+    activation of ours, GPT-OSS's clamped SwiGLU): `grouped_linear_glu` computes the gate and up
+    tiles together and writes act(gate) * up once, reading `weight` through its strides. Otherwise
+    (a gate of the class's own, an activation we have no kernel for, or the cuda backend on a
+    strided weight, which its extension cannot read) unfused: the [M, 2I] pre-activations go to
+    memory and the model's own `_apply_gate` runs on them."""
+    fused = fused_gate(module)
+    if fused is not None:
+        activation, layout = fused
+        name = dispatch.choose(backend, x_sorted.device, x_sorted.dtype, weight.shape[0], op="grouped_linear_glu")
+        if name != "cuda" or (weight.is_contiguous() and (bias is None or bias.is_contiguous())):
+            return grouped_linear_glu(
+                x_sorted, weight, bias, offsets, activation, layout=layout, backend=name, validate=False
+            )
     gate_up = grouped_linear(x_sorted, weight, bias, offsets, "none", backend=backend, validate=False)
     return module._apply_gate(gate_up)
 

@@ -141,6 +141,11 @@ def test_family_matches_eager(family):
     assert not seen_eager.ran, "the eager run reached cumo ops: the test cannot tell the two apart"
     for op in ("permute", "grouped_linear", "unpermute"):
         assert f"cumo::{op}" in seen.names() and f"cumo::{op}_backward" in seen.names(), seen.ran
+    # the gated first layer runs fused where cumo has the model's gate (every gated family here)
+    fused = {hf.fused_gate(m) is not None for m in _experts_modules(cumo)}
+    assert fused == {getattr(_experts_modules(cumo)[0], "has_gate", True)}, family
+    for op in ("cumo::grouped_linear_glu", "cumo::grouped_linear_glu_backward"):
+        assert (op in seen.names()) == (True in fused), (family, op, seen.ran)
     layers = len(_experts_modules(cumo))
     assert layers >= 2
     tol = TOLERANCES[F32]
