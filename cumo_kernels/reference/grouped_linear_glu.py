@@ -40,6 +40,29 @@ def _glu(pre: torch.Tensor, activation: str, interleaved: bool) -> torch.Tensor:
     return _activations.glu_apply(*_activations.glu_halves(pre, interleaved), activation)
 
 
+# The gate's activation written into a given tensor (aten's out= kernels: the same kernels, so the same
+# values as `_activations.apply`), for float32 and float64, where `apply` computes in the input's dtype.
+_ACT_OUT = {
+    "silu": lambda g, out: torch._C._nn.silu(g, out=out),
+    "gelu": lambda g, out: torch._C._nn.gelu(g, out=out),
+    "gelu_tanh": lambda g, out: torch._C._nn.gelu(g, approximate="tanh", out=out),
+    "relu": lambda g, out: torch.clamp_min(g, 0, out=out),
+}
+
+
+def _glu_into(out: torch.Tensor, pre: torch.Tensor, activation: str, interleaved: bool, scratch: torch.Tensor):
+    """out [r, H] = _glu(pre [r, 2H]), bit for bit; for float32/float64 and the common activations
+    through `scratch` [r, H] (reused from block to block): a fresh [r, H] temporary per block costs
+    the CPU more than the activation itself (page faults of each new allocation)."""
+    gate, up = _activations.glu_halves(pre, interleaved)
+    act = _ACT_OUT.get(activation)
+    if act is None or pre.dtype not in (torch.float32, torch.float64):
+        out.copy_(_glu(pre, activation, interleaved))
+        return
+    act(gate, scratch)
+    torch.mul(scratch, up, out=out)
+
+
 def _glu_grad_into(out: torch.Tensor, grad_h: torch.Tensor, pre: torch.Tensor, activation: str, interleaved: bool):
     """out [r, 2H] (w1's row order) = the gradient of the pre-activation, rounded to out's dtype."""
     gg, gu = _activations.glu_derivative(grad_h, *_activations.glu_halves(pre, interleaved), activation)
@@ -86,11 +109,13 @@ def grouped_linear_glu(
         h[bounds[-1] :].zero_()
         if pre is not None:
             pre[bounds[-1] :].zero_()
-    block = None if pre is not None else x.new_empty(min(m, _row_block(n2, x.dtype)), n2)
+    rows = min(m, _row_block(n2, x.dtype))
+    block = None if pre is not None else x.new_empty(rows, n2)
+    scratch = x.new_empty(rows, n2 // 2)
     for e, r0, r1 in _row_blocks(bounds, num_experts, _row_block(n2, x.dtype)):
         p = pre[r0:r1] if pre is not None else block[: r1 - r0]
         _linear_into(x[r0:r1], w1[e], None if b1 is None else b1[e], p)
-        h[r0:r1] = _glu(p, activation, interleaved)
+        _glu_into(h[r0:r1], p, activation, interleaved, scratch[: r1 - r0])
     return h, (pre if pre is not None else x.new_empty(0))
 
 
