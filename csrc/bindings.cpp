@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "cumo_codes.h"
 #include "cumo_ops.h"
 
 namespace py = pybind11;
@@ -13,10 +14,13 @@ using namespace cumo;
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "CUDA kernels of cumo-kernels (routing, permutation, grouped GEMM), built without the torch ABI";
-  m.attr("DTYPE_CODES") = py::dict(py::arg("float32") = 0, py::arg("float16") = 1, py::arg("bfloat16") = 2);
-  m.attr("ACTIVATION_CODES") = py::dict(py::arg("none") = 0, py::arg("quick_gelu") = 1, py::arg("gelu") = 2,
-                                        py::arg("gelu_tanh") = 3, py::arg("silu") = 4, py::arg("relu") = 5);
-  m.attr("MAX_EXPERTS") = 64;
+  // The codes the kernels take, exported from cumo_hd.h's enums (cumo_kernels/cuda.py reads these).
+  m.attr("DTYPE_CODES") = py::dict(py::arg("float32") = int(kF32), py::arg("float16") = int(kF16),
+                                   py::arg("bfloat16") = int(kBF16));
+  m.attr("ACTIVATION_CODES") =
+      py::dict(py::arg("none") = int(kNone), py::arg("quick_gelu") = int(kQuickGelu), py::arg("gelu") = int(kGelu),
+               py::arg("gelu_tanh") = int(kGeluTanh), py::arg("silu") = int(kSilu), py::arg("relu") = int(kRelu));
+  m.attr("MAX_EXPERTS") = kMaxExperts;
   m.attr("BIAS_LANES") = host_bias_lanes();
 
   m.def("device_count", &device_count, "Number of CUDA devices; raises 'no CUDA device is available' if none.");

@@ -11,19 +11,12 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "cumo_codes.h"
+
 #define CUMO_HD __host__ __device__ __forceinline__
 
 namespace cumo {
 
-// dtype codes shared with cumo_kernels/cuda.py
-enum Dtype : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
-
-// activation codes shared with cumo_kernels/cuda.py
-enum Act : int { kNone = 0, kQuickGelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kRelu = 5 };
-
-// The routing kernels keep one token's E scores in registers: E is at most this (checked in
-// Python, which falls back under `auto`).
-constexpr int kMaxExperts = 64;
 
 // ------------------------------------------------------------------------------ rounding points
 

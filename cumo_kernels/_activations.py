@@ -24,6 +24,21 @@ GLU_ACTIVATIONS: tuple[str, ...] = ACTIVATIONS + GLU_ONLY
 """Activations of the gate accepted with `glu=True`: every one of ACTIVATIONS (h = act(gate) * up;
 "silu" is SwiGLU, "gelu" / "gelu_tanh" GeGLU, "relu" ReGLU) and the GLU_ONLY ones."""
 
+ACTIVATION_CODES: dict[str, int] = {
+    "none": 0,
+    "quick_gelu": 1,
+    "gelu": 2,
+    "gelu_tanh": 3,
+    "silu": 4,
+    "relu": 5,
+    "relu2": 6,
+    "gpt_oss_swiglu": 7,
+}
+"""The one numbering of the activations, as the kernels take them (Triton constexprs). The CUDA
+extension computes the first six and exports their codes from its enum (`_cuda.ACTIVATION_CODES`,
+csrc/cumo_hd.h `Act`), which cumo_kernels/cuda.py reads; tests/test_cuda_ext.py checks that they
+are these."""
+
 GLU_LIMIT = 7.0
 GLU_ALPHA = 1.702
 

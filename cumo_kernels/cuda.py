@@ -30,8 +30,11 @@ except ImportError as exc:  # not built (no nvcc at install, CUMO_SKIP_CUDA_BUIL
 else:
     _IMPORT_ERROR = None
 
-DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-ACTIVATION_CODES: dict[str, int] = {"none": 0, "quick_gelu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "relu": 5}
+# The codes the extension takes, as it exports them (csrc/cumo_hd.h's enums, through bindings.cpp):
+# the dtypes it computes and the activations its epilogue computes. Not built: none (every call is
+# refused before a code is read).
+DTYPE_CODES: dict[torch.dtype, int] = {getattr(torch, n): c for n, c in (_cuda.DTYPE_CODES if _cuda else {}).items()}
+ACTIVATION_CODES: dict[str, int] = {} if _cuda is None else dict(_cuda.ACTIVATION_CODES)
 MAX_EXPERTS = 64  # routing: one token's scores in registers
 MAX_GEMM_EXPERTS = 1023
 MAX_PERMUTE_EXPERTS = 4096  # permute: one chunk's histogram in shared memory

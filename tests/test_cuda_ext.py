@@ -44,8 +44,13 @@ def test_extension_imports_and_describes_its_build():
     ext = _ext()
     info = ext.build_info()
     assert "archs=" in info and "cuda_runtime=" in info
-    assert ext.DTYPE_CODES == {"float32": 0, "float16": 1, "bfloat16": 2}
-    assert dict(ext.ACTIVATION_CODES) == cuda_backend.ACTIVATION_CODES
+    # The codes come from the extension's enums (bindings.cpp exports them; cuda.py reads them), and
+    # the activations' are the package's one numbering (cumo_kernels/_activations.py, Triton's too).
+    assert set(ext.DTYPE_CODES) == {"float32", "float16", "bfloat16"} and len(set(ext.DTYPE_CODES.values())) == 3
+    assert cuda_backend.DTYPE_CODES == {getattr(torch, n): c for n, c in ext.DTYPE_CODES.items()}
+    assert set(ext.ACTIVATION_CODES) == {"none", "quick_gelu", "gelu", "gelu_tanh", "silu", "relu"}
+    assert dict(ext.ACTIVATION_CODES) == {a: _activations.ACTIVATION_CODES[a] for a in ext.ACTIVATION_CODES}
+    assert cuda_backend.ACTIVATION_CODES == dict(ext.ACTIVATION_CODES)
     assert ext.MAX_EXPERTS == cuda_backend.MAX_EXPERTS
 
 

@@ -22,18 +22,6 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
-# Activation codes (constexpr arguments of the kernels).
-ACT_CODES: dict[str, int] = {
-    "none": 0,
-    "quick_gelu": 1,
-    "gelu": 2,
-    "gelu_tanh": 3,
-    "silu": 4,
-    "relu": 5,
-    "relu2": 6,
-    "gpt_oss_swiglu": 7,  # gated only (glu_fwd / glu_grad)
-}
-
 
 def check_dtype(name: str, t: torch.Tensor) -> None:
     """Refuse (before any launch) a dtype the kernels do not compute: `Unsupported` (a call that

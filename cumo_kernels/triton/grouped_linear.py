@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._activations import ACTIVATION_CODES
 from ._common import (
-    ACT_CODES,
     act_fwd,
     act_grad,
     autotuned,
@@ -533,7 +533,7 @@ def launch_grouped_linear(
     a, weight, offsets = a.contiguous(), weight.contiguous(), offsets.contiguous()
     e, n, k = weight.shape
     m = sort_idx.numel() if gather else a.shape[0]
-    act = ACT_CODES[activation]
+    act = ACTIVATION_CODES[activation]
     y = torch.empty(m, n, dtype=a.dtype, device=a.device)
     store_pre = bool(act) and save_pre
     pre = torch.empty(m, n, dtype=a.dtype, device=a.device) if store_pre else a.new_empty(0)
@@ -611,7 +611,7 @@ def launch_grouped_linear_backward(
         weight = weight.contiguous()
     e, n, k = weight.shape
     m = sort_idx.numel() if sort_idx is not None else x.shape[0]
-    act = ACT_CODES[activation]
+    act = ACTIVATION_CODES[activation]
     gather_g = routing_weights is not None
     gw_on = gather_g and y_slot is not None
     dx = torch.empty(m, 2 * k if glu is not None else k, dtype=x.dtype, device=x.device)
@@ -646,7 +646,7 @@ def launch_grouped_linear_backward(
             gather_g,
             scatter_dx,
             gw_on,
-            ACT_CODES[glu[0]] if glu is not None else 0,
+            ACTIVATION_CODES[glu[0]] if glu is not None else 0,
             glu is not None and glu[1],
             prec,
             GROUP,

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._activations import ACTIVATION_CODES
 from ._common import (
-    ACT_CODES,
     autotuned,
     check_dtype,
     dot_precision,
@@ -197,7 +197,7 @@ def forward(
         bias.stride(0),
         bias.stride(1) if b1 is not None else 1,
         b1 is not None,
-        ACT_CODES[activation],
+        ACTIVATION_CODES[activation],
         gather,
         False,
         save_pre,
@@ -222,7 +222,7 @@ def glu_grad_pass(grad_h: torch.Tensor, pre: torch.Tensor, activation: str, inte
     numel = grad_h.numel()
     if numel:
         grid = (triton.cdiv(numel, _GRAD_BLOCK),)
-        _glu_grad_kernel[grid](grad_h, pre, out, numel, n, ACT_CODES[activation], interleaved, _GRAD_BLOCK)
+        _glu_grad_kernel[grid](grad_h, pre, out, numel, n, ACTIVATION_CODES[activation], interleaved, _GRAD_BLOCK)
     return out
 
 
