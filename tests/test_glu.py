@@ -21,7 +21,7 @@ from test_moe_mlp import CASES, REF_GROUPED_LINEAR, check_moe
 import cumo_kernels
 from cumo_kernels.nn import MoEMLP
 from cumo_kernels.testing import assert_close_rel
-from cumo_kernels.triton.grouped_linear import _find_tile
+from cumo_kernels.triton.grouped_linear import _find_tile, _tile_of, row_tiles
 
 F32 = torch.float32
 D_IN, HIDDEN, D_OUT = 13, 19, 11  # not multiples of 4, 8 or 16
@@ -89,9 +89,8 @@ def test_glu_cases_match_oracle(device, backend, case):
 
 
 # (tokens, E, k): many small experts, most of them without rows at these token counts; E = 256
-# with top_k = 16, the issue's largest, on the torch backend (on triton in the interpreter it takes
-# two minutes, E-bound: every GEMM launch has cdiv(M, BM) + E + 1 row tiles; its tile schedule at
-# E > 128 is test_triton_tile_schedule_many_experts's, its routing test_triton_route_256_experts's)
+# with top_k = 16 is the issue's largest (on triton in the interpreter the E-bound part is each
+# launch's row tiles, row_tiles(M, E, BM): 96 at T6-E256-k16, not the 263 of cdiv(M, BM) + E + 1)
 MANY = [(33, 64, 8), (17, 128, 4), (6, 256, 16)]
 
 
@@ -103,8 +102,6 @@ def test_glu_many_experts_match_oracle(device, backend, case):
     t, e, k = case
     if backend == "cuda" and e > 64:
         pytest.skip("the cuda backend's routing takes at most 64 experts")
-    if backend == "triton" and device == "cpu" and e > 128:
-        pytest.skip("E = 256 in the interpreter takes minutes; see MANY's comment for what covers it")
     g = seeded(40 + e)
     x = torch.randn(t, D_IN, generator=g)
     inputs = {
@@ -458,7 +455,7 @@ def test_triton_tile_schedule_many_experts():
         off[-1] = min(off[-1], m - 3)  # dropped rows
         if e > 4:
             off[5], off[70] = m + 40, -3  # out of range: clamped
-        tiles = (m + 15) // 16 + e + 1
+        tiles = row_tiles(m, e, 16)
         out = torch.empty(tiles * 3, dtype=torch.int64)
         _schedule_probe[(tiles,)](torch.tensor(off), out, e, m, BM=16)
         got = [tuple(r) for r in out.view(-1, 3).tolist()]
@@ -467,6 +464,60 @@ def test_triton_tile_schedule_many_experts():
             assert row[0] == want[0] and (want[0] < 0 or row == want), f"E={e} tile {pid}: {row} vs {want}"
         if e == 4:
             assert any(r[0] == e for r in got), "the dropped rows' tile is missing"
+
+
+def _model_tiles(off: list[int], e: int, m: int, bm: int) -> int:
+    """How many tiles the serial model schedules (the first pid it answers -1 for)."""
+    pid = 0
+    while _schedule_model(off, e, m, bm, pid)[0] >= 0:
+        pid += 1
+    return pid
+
+
+def test_row_tiles_bound_every_split():
+    """`row_tiles` (the grid of every grouped launch) is at least the tiles the schedule needs for
+    any split of M rows, and exactly that in the worst case: random splits with and without dropped
+    rows, and min(E + 1, M) - 1 groups of one row each with the rest in the last group (the dropped
+    rows where E < M), E above and below M. A grid one short leaves rows unwritten (no error, a
+    wrong output); a grid too long launches idle programs."""
+    g = seeded(51)
+    for e, m, bm in ((4, 23, 16), (256, 96, 16), (128, 300, 64), (64, 64, 32), (300, 7, 16), (1, 1, 16), (3, 40, 1)):
+        splits = []
+        for _ in range(50):
+            cuts = sorted(torch.randint(0, m + 1, (e,), generator=g).tolist())
+            splits.append([0, *cuts])
+            splits.append([0, *cuts[:-1], min(cuts[-1], max(m - 3, 0))])  # dropped rows
+        have = row_tiles(m, e, bm)
+        for off in splits:
+            need = _model_tiles(off, e, m, bm)
+            assert need <= have, f"E={e} M={m} BM={bm}: {need} tiles, grid {have}, offsets {off}"
+        groups = min(e + 1, m)
+        worst = [0, *range(1, groups), *[m if groups <= e else groups - 1] * (e - groups + 1)]
+        assert _model_tiles(worst, e, m, bm) == have, f"E={e} M={m} BM={bm}: offsets {worst}"
+
+
+@triton.jit
+def _order_probe(out_ptr, M, E, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Stores `_tile_of`'s (pid_m, pid_n) for each program."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = _tile_of(pid, M, E, N, BM, BN, GROUP_M)
+    tl.store(out_ptr + pid * 2, pid_m)
+    tl.store(out_ptr + pid * 2 + 1, pid_n)
+
+
+def test_triton_tile_order_covers_row_tiles():
+    """The grid the launches compute on the host (`row_tiles` x column tiles) and the row-tile count
+    `_tile_of` computes in the kernel agree: the programs map one to one onto every (row tile,
+    column tile) pair, the worst split's last row tile included (a kernel count one short maps two
+    programs to one tile and none to the last, silently, where a split needs every tile)."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("runs the kernel in Triton's interpreter (TRITON_INTERPRET=1)")
+    for m, e, n, bm, bn, group in ((23, 4, 40, 16, 16, 8), (96, 256, 20, 16, 16, 8), (300, 7, 64, 64, 32, 2)):
+        num_m, num_n = row_tiles(m, e, bm), triton.cdiv(n, bn)
+        out = torch.empty(num_m * num_n * 2, dtype=torch.int64)
+        _order_probe[(num_m * num_n,)](out, m, e, n, BM=bm, BN=bn, GROUP_M=group)
+        got = sorted(tuple(r) for r in out.view(-1, 2).tolist())
+        assert got == [(i, j) for i in range(num_m) for j in range(num_n)], f"M={m} E={e} N={n}"
 
 
 def test_triton_route_256_experts(device, backend):

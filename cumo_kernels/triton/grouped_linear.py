@@ -1,8 +1,10 @@
 """Grouped GEMM kernels: one launch for all experts over rows grouped by expert.
 
-Tile schedule without a host sync: there are cdiv(M, BM) + E + 1 row tiles, an upper bound on
-sum_e cdiv(M_e, BM) plus the tiles of the rows past offsets[E] (dropped slots, which belong to no
-expert: their tiles store zeros) for any split of M rows; each program walks the E+1 offsets (E is
+Tile schedule without a host sync: `row_tiles(M, E, BM)` row tiles, the most that any split of M
+rows among E experts and the dropped slots (the rows past offsets[E], which belong to no expert:
+their tiles store zeros) can need: G = min(E + 1, M) groups with rows, each one tile for its first
+row, plus (M - G) // BM full tiles of the rest (E = 256 experts over M = 96 rows: 96 tiles, not the
+cdiv(M, BM) + E + 1 = 263 of a bound blind to M);each program walks the E+1 offsets (E is
 small) to find its expert and row block, and a program past the last tile runs no K iterations and
 stores nothing. Offsets are clamped into [0, M] and made non-decreasing as they are read, so that
 no row outside [0, M) is addressed whatever a caller passes (garbage in, garbage out, but no
@@ -155,6 +157,15 @@ def _find_tile(offsets_ptr, E, M, pid, BM: tl.constexpr):
     return e_sel, row0, row_end
 
 
+def row_tiles(m: int, e: int, bm: int) -> int:
+    """Row tiles of a grouped launch over m rows and e experts, bm rows a tile: the most tiles any
+    split of the rows can need. G = min(e + 1, m) groups (the experts and the dropped rows) can have
+    rows; g groups need at most g + (m - g) // bm tiles (one for each group's first row, then full
+    tiles), which grows with g. `_tile_of` computes the same number in the kernel."""
+    g = min(e + 1, m)
+    return g + (m - g) // bm
+
+
 @triton.jit
 def _grouped_order(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of the pid-th program of a one-dimensional grid in grouped order: GROUP_M
@@ -172,9 +183,10 @@ def _grouped_order(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _tile_of(pid, M, E, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of program pid over the grouped kernels' tiles: cdiv(M, BM) + E + 1 row
-    tiles (an upper bound of the experts' and the dropped rows' tiles) by cdiv(N, BN) column tiles."""
-    num_m = (M + BM - 1) // BM + E + 1
+    """(pid_m, pid_n) of program pid over the grouped kernels' tiles: `row_tiles(M, E, BM)` row
+    tiles (the most the experts' and the dropped rows' tiles can be) by cdiv(N, BN) column tiles."""
+    g = tl.minimum(E + 1, M)
+    num_m = g + (M - g) // BM
     num_n = (N + BN - 1) // BN
     return _grouped_order(pid, num_m, num_n, GROUP_M)
 
@@ -562,9 +574,9 @@ def launch_grouped_linear(
         dot_precision(a.dtype),
         GROUP,
     )
-    # one-dimensional, grouped order (_tile_of): row tiles (an upper bound: cdiv(m, BM) + E + 1,
-    # the experts' tiles and the dropped rows') by column tiles
-    grid = lambda meta: ((triton.cdiv(m, meta["BM"]) + e + 1) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
+    # one-dimensional, grouped order (_tile_of): row tiles (row_tiles: an upper bound of the
+    # experts' tiles and the dropped rows') by column tiles
+    grid = lambda meta: (row_tiles(m, e, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     if grouped_linear_tma.tma_usable(a, weight):
         a_desc, w_desc = grouped_linear_tma.descriptors(a, weight)
         launch(grouped_linear_tma._fwd_tma, grid, (a, a_desc, w_desc) + args[2:], _FIXED)
@@ -651,7 +663,7 @@ def launch_grouped_linear_backward(
             prec,
             GROUP,
         )
-        dx_grid = lambda meta: ((triton.cdiv(m, meta["BM"]) + e + 1) * triton.cdiv(k, meta["BN"]),)  # noqa: E731
+        dx_grid = lambda meta: (row_tiles(m, e, meta["BM"]) * triton.cdiv(k, meta["BN"]),)  # noqa: E731
         launch(_dx_glu if glu is not None else _dx, dx_grid, dx_args, _FIXED)
     dw_args = (
         grad,

@@ -43,6 +43,7 @@ from .grouped_linear import (
     _tile_of,
     grouped_linear_combine,
     launch_grouped_linear_backward,
+    row_tiles,
     smem_fwd,
 )
 from .permute import slot_sum
@@ -205,7 +206,7 @@ def forward(
         interleaved,
         GROUP,
     )
-    grid = lambda meta: ((triton.cdiv(m, meta["BM"]) + e + 1) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
+    grid = lambda meta: (row_tiles(m, e, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     launch(_fwd, grid, args, _FIXED)
     return h, pre
 
