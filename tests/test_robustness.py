@@ -159,7 +159,18 @@ def test_inference_only_op_says_so():
     x = args[0].clone().requires_grad_()
     xs, w1, b1, w2, b2, offsets = x, *args[1:6]
     y = torch.ops.cumo.expert_mlp(xs, w1, b1, w2, b2, offsets, "quick_gelu", "torch")
-    with pytest.raises(RuntimeError, match="cumo::expert_mlp is inference-only"):
+    with pytest.raises(RuntimeError, match="cumo::expert_mlp is inference-only.*cumo::grouped_linear for each"):
+        y.sum().backward()
+
+
+def test_inference_only_gated_op_says_so():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 6, generator=g, requires_grad=True)
+    w1, b1 = torch.randn(2, 8, 6, generator=g), torch.randn(2, 8, generator=g)
+    w2, b2 = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, generator=g)
+    offsets = torch.tensor([0, 2, 5])
+    y = torch.ops.cumo.expert_mlp_glu(x, w1, b1, w2, b2, offsets, "silu", False, "torch")
+    with pytest.raises(RuntimeError, match="cumo::expert_mlp_glu is inference-only.*grouped_linear_glu, then"):
         y.sum().backward()
 
 

@@ -169,6 +169,22 @@ def guard_autograd(op) -> None:
         _GUARDS.impl(name, kernel, key, with_keyset=True)
 
 
+def inference_only(op, training: str) -> None:
+    """Register for custom op `op` an autograd formula that raises when a gradient reaches it (it
+    has none: `moe_mlp` calls it only when no input needs a gradient), saying what to run for
+    training (`training`), then guard it like every op (`guard_autograd`)."""
+    name = op._qualname
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{name} is inference-only (it has no gradient formula): cumo_kernels.moe_mlp uses it only "
+            f"when no input needs a gradient; for training run {training}"
+        )
+
+    op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
+    guard_autograd(op)
+
+
 def refuse_double_backward(op, forward: str) -> None:
     """Register for backward op `op` (the backward of cumo::`forward`) an autograd formula that
     raises, naming both, when a second derivative is asked for (create_graph=True, then

@@ -18,6 +18,7 @@ from ._common import (
     check_offsets_values,
     check_shape,
     guard_autograd,
+    inference_only,
     refuse_double_backward,
     validation_wanted,
 )
@@ -101,19 +102,7 @@ def _(x, w1, b1, w2, b2, offsets, activation, backend):
     return x.new_empty(x.shape[0], w2.shape[1])
 
 
-def _expert_mlp_setup(ctx, inputs, output) -> None:
-    pass
-
-
-def _expert_mlp_bwd(ctx, g):
-    raise RuntimeError(
-        "cumo::expert_mlp is inference-only (it has no gradient formula): cumo_kernels.moe_mlp uses it only "
-        "when no input needs a gradient; for training run cumo::grouped_linear for each expert layer"
-    )
-
-
-_expert_mlp.register_autograd(_expert_mlp_bwd, setup_context=_expert_mlp_setup)
-guard_autograd(_expert_mlp)
+inference_only(_expert_mlp, "cumo::grouped_linear for each expert layer")
 
 
 def grouped_linear(

@@ -33,6 +33,7 @@ from ._common import (
     check_offsets_values,
     check_shape,
     guard_autograd,
+    inference_only,
     needs_grad,
     refuse_double_backward,
     validation_wanted,
@@ -348,19 +349,7 @@ def _(x, w1, b1, w2, b2, offsets, activation, interleaved, backend):
     return x.new_empty(x.shape[0], w2.shape[1])
 
 
-def _expert_mlp_glu_setup(ctx, inputs, output) -> None:
-    pass
-
-
-def _expert_mlp_glu_bwd(ctx, g):
-    raise RuntimeError(
-        "cumo::expert_mlp_glu is inference-only (it has no gradient formula): cumo_kernels.moe_mlp uses it only "
-        "when no input needs a gradient; for training run cumo::grouped_linear_glu, then cumo::grouped_linear"
-    )
-
-
-_expert_mlp_glu.register_autograd(_expert_mlp_glu_bwd, setup_context=_expert_mlp_glu_setup)
-guard_autograd(_expert_mlp_glu)
+inference_only(_expert_mlp_glu, "cumo::grouped_linear_glu, then cumo::grouped_linear")
 
 
 # ------------------------------------------------------------------------------------ public op
