@@ -10,11 +10,13 @@
 - `MultiScaleVisionTower`: CuMo's S^2 (scales 1, 3) wrapper.
 
 - `CLIPMoEVisionModel`, `CLIPMoEVisionModelWithProjection`, `CLIPMoEVisionConfig`: the CLIP-MoE tower
-  as transformers classes (transformers' own `from_pretrained` / `save_pretrained`, `AutoModel`).
+  as transformers classes (transformers' own `from_pretrained` / `save_pretrained`, `AutoModel`);
+  `CLIPMoEModel`, `CLIPMoEForImageClassification`, `CLIPMoEConfig`: `CLIPModel` /
+  `CLIPForImageClassification` with that tower.
 
 Nothing here chooses a backend: `backend=` is passed through to the kernels. transformers (the `hf`
 extra) is optional: `import cumo` works without it; where it is installed, `import cumo` imports its
-CLIP classes and registers the CLIP-MoE tower with `AutoConfig` / `AutoModel` and its checkpoint
+CLIP classes and registers the CLIP-MoE tower and CLIP model with `AutoConfig` / `AutoModel` and its checkpoint
 key mapping with transformers' loader (so that `AutoModel.from_pretrained` of a saved tower works
 once cumo is imported).
 """
@@ -36,11 +38,21 @@ except Exception as _exc:  # installed but broken: the connector and the kernels
     warnings.warn(f"cumo: transformers failed to import ({_exc!r}); the CLIP-MoE classes are unavailable", stacklevel=2)
 else:
     _hf_classes.register()
+    CLIPMoEConfig = _hf_classes.CLIPMoEConfig
+    CLIPMoEForImageClassification = _hf_classes.CLIPMoEForImageClassification
+    CLIPMoEModel = _hf_classes.CLIPMoEModel
     CLIPMoEVisionConfig = _hf_classes.CLIPMoEVisionConfig
     CLIPMoEVisionModel = _hf_classes.CLIPMoEVisionModel
     CLIPMoEVisionModelWithProjection = _hf_classes.CLIPMoEVisionModelWithProjection
 
-_HF_NAMES = ("CLIPMoEVisionConfig", "CLIPMoEVisionModel", "CLIPMoEVisionModelWithProjection")
+_HF_NAMES = (
+    "CLIPMoEConfig",
+    "CLIPMoEForImageClassification",
+    "CLIPMoEModel",
+    "CLIPMoEVisionConfig",
+    "CLIPMoEVisionModel",
+    "CLIPMoEVisionModelWithProjection",
+)
 
 
 def __getattr__(name: str):
@@ -53,6 +65,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "BALANCE_COEF",
+    "CLIPMoEConfig",
+    "CLIPMoEForImageClassification",
+    "CLIPMoEModel",
     "CLIPMoEVisionConfig",
     "CLIPMoEVisionModel",
     "CLIPMoEVisionModelWithProjection",

@@ -7,11 +7,15 @@ module when transformers is installed, and registers what it defines).
   `CLIPVisionModelWithProjection` whose encoder layers are CuMo's MoE layers from construction on,
   so transformers' own `from_pretrained` (dtype, device_map, meta-device loading, sharded files,
   `state_dict=`, `ignore_mismatched_sizes`, ...) builds and fills them like any transformers model.
-  `cumo.convert_clip_to_moe` gives converted CLIPVisionModel(WithProjection) objects these classes.
+- `CLIPMoEConfig` (model type "cumo_clip": a `CLIPConfig` whose `vision_config` is a
+  `CLIPMoEVisionConfig`), `CLIPMoEModel`, `CLIPMoEForImageClassification`: `CLIPModel` /
+  `CLIPForImageClassification` whose `vision_model` is a `CLIPMoEVisionModel`.
+  `cumo.convert_clip_to_moe` gives converted models of the dense classes these classes in place (`adopt`).
 - The weight-conversion mapping between CuMo's per-expert checkpoint keys and the stacked
-  parameters, registered with transformers for these classes (`register`): transformers applies it
+  parameters, registered with transformers for the tower classes (`register`): transformers applies it
   when loading and reverts it when saving, as it does for Mixtral's per-expert checkpoints and its
-  stacked `gate_up_proj`.
+  stacked `gate_up_proj`, and applies it to a tower inside another transformers model (a CLIPModel's
+  `vision_model`, a LLaVA's `vision_tower`) scoped to the tower's prefix.
 
 Why stacked parameters with a conversion mapping, not per-expert modules: the kernels read each
 block's experts stacked (`w1` [E, hidden, in], ...), with no copy per forward; state-dict keys that
@@ -19,11 +23,14 @@ name those real parameters are what transformers' loader, accelerate (`set_modul
 device_map dispatch, disk offload), DeepSpeed ZeRO-3 and FSDP2 walk; the per-expert layout is a file
 format, converted where files are read and written.
 
-Dense loaders refuse a directory saved from these classes: `config.json` carries, besides the
-tower's own fields, a `vision_config` entry that only dense CLIP configs read (a `CLIPVisionConfig`
-takes its fields from `vision_config` when a file has one) and that fails their validation with a
-message saying to import cumo. Without it, `CLIPVisionModel.from_pretrained` would load the
-attention and embeddings and initialise every MLP at random, with only a missing-keys report.
+Dense loaders refuse what these classes save: a `CLIPMoEVisionConfig` writes `initializer_factor` as
+{"cumo": <message>, "value": f}, which a dense `CLIPVisionConfig` rejects in its validation (quoting
+the message, which says to import cumo) while this class reads f back. The tower's config is written so
+wherever it is: at the top level of a tower's `config.json`, or nested as the `vision_config` of a
+CLIPModel's, a LLaVA's or another host's, which the host's config class turns into a dense
+`CLIPVisionConfig` when it is CLIP's own (CLIPConfig, transformers 5.17 and 5.23 alike). Without it a
+dense CLIP class would load such a directory with every MLP initialised at random, with only a
+missing-keys report.
 """
 
 from __future__ import annotations
@@ -32,8 +39,20 @@ import math
 from typing import Any
 
 import torch
+from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import AutoConfig, AutoModel, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    CLIPConfig,
+    CLIPForImageClassification,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+)
 from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import (
@@ -49,14 +68,16 @@ from ._clip_layer import CLIPMoEEncoderLayer, convert_layer
 from .blocks import CLIPMoEMLP
 
 MODEL_TYPE = "cumo_clip_vision_model"
+CLIP_MODEL_TYPE = "cumo_clip"
 DEFAULT_MOE = {"num_experts": 4, "top_k": 2}
 _CLIP_NAMES = ("fc1", "fc2")
 _CONNECTOR_NAMES = ("0", "2")
 
 DENSE_REFUSAL = (
-    "this directory holds a CuMo CLIP-MoE vision tower (model type cumo_clip_vision_model); a dense CLIP class "
-    "would load it with randomly initialised MLPs. `import cumo`, then load it with "
-    "cumo.CLIPMoEVisionModel.from_pretrained(path) or transformers.AutoModel.from_pretrained(path)"
+    "this config holds a CuMo CLIP-MoE vision tower (model type cumo_clip_vision_model); a dense CLIP class "
+    "would load it with randomly initialised MLPs. `import cumo`, then load it with cumo's class: "
+    "cumo.CLIPMoEVisionModel.from_pretrained(path) (cumo.CLIPMoEVisionModelWithProjection, cumo.CLIPMoEModel "
+    "for a CLIPModel, cumo.CLIPMoEForImageClassification), or transformers.AutoModel.from_pretrained(path)"
 )
 
 
@@ -141,28 +162,79 @@ def _check_moe(moe: Any) -> dict[str, int]:
     return {"num_experts": e, "top_k": k}
 
 
+def _factor_from_file(value: Any) -> Any:
+    """`initializer_factor` as `CLIPMoEVisionConfig.to_dict` writes it ({"cumo": DENSE_REFUSAL, "value": f}) -> f."""
+    if isinstance(value, dict):
+        if set(value) != {"cumo", "value"}:
+            raise ValueError(f"initializer_factor: expected a float or {{'cumo': ..., 'value': float}}, got {value!r}")
+        return value["value"]
+    return value
+
+
+@strict  # as transformers' configs are: validates this class's own field types on assignment
 class CLIPMoEVisionConfig(CLIPVisionConfig):
     """`CLIPVisionConfig` of CuMo's CLIP-MoE tower: every field of CLIP's, plus `cumo_moe`
-    ({"num_experts": E, "top_k": k}; default CuMo's 4 and 2)."""
+    ({"num_experts": E, "top_k": k}; default CuMo's 4 and 2).
+
+    `to_dict` (hence `config.json`, at the top level or nested in a host's config) writes
+    `initializer_factor` as {"cumo": DENSE_REFUSAL, "value": f}: this class reads f back, while a
+    dense `CLIPVisionConfig` built from that dict (CLIPVisionModel's own from_pretrained, or
+    CLIPConfig building its vision sub-config, transformers 5.17 and 5.23 alike) fails its
+    validation quoting the message, which says to import cumo. Without it a dense CLIP class would
+    load such a directory with every MLP initialised at random, with only a missing-keys report.
+    initializer_factor because it matters only when weights are initialised: nothing else reads it."""
 
     model_type = MODEL_TYPE
-    # a CLIPVisionConfig reads the `vision_config` section of a file that has one: this class reads
-    # its own top level (its files' `vision_config` is the dense loaders' refusal, see to_dict)
-    base_config_key = ""
 
     cumo_moe: dict | None = None
+    initializer_factor: float | dict = 1.0
 
     def __post_init__(self, **kwargs: Any) -> None:
-        kwargs.pop("vision_config", None)  # written by to_dict for dense loaders, not a setting
+        self.initializer_factor = float(_factor_from_file(self.initializer_factor))
         super().__post_init__(**kwargs)
         self.cumo_moe = _check_moe(dict(DEFAULT_MOE) if self.cumo_moe is None else dict(self.cumo_moe))
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
-        # CLIPVisionConfig.from_pretrained (any dense CLIP class) takes its fields from here, and
-        # refuses the string where an int belongs, quoting it
-        out["vision_config"] = {"model_type": MODEL_TYPE, "hidden_size": DENSE_REFUSAL}
+        out["initializer_factor"] = {"cumo": DENSE_REFUSAL, "value": out["initializer_factor"]}
         return out
+
+
+def _vision_fields(config: CLIPVisionConfig | dict) -> dict[str, Any]:
+    """A vision config's settings, to build a CLIPMoEVisionConfig from (without what to_dict adds)."""
+    d = config.to_dict() if isinstance(config, CLIPVisionConfig) else dict(config)
+    return {k: v for k, v in d.items() if k not in ("model_type", "transformers_version")}
+
+
+@strict
+class CLIPMoEConfig(CLIPConfig):
+    """`CLIPConfig` of a CLIP model whose vision tower is CuMo's CLIP-MoE: `vision_config` is a
+    `CLIPMoEVisionConfig` (its `cumo_moe` gives E and k); the text side is CLIP's. Model type
+    "cumo_clip".
+
+    `vision_config` takes what CLIPConfig takes: None, a dict or a CLIPVisionConfig, which become a
+    CLIPMoEVisionConfig (the default `cumo_moe` unless they have one). A dense `CLIPConfig` refuses
+    this config's files: its vision sub-config is a CLIPMoEVisionConfig's dict (see there)."""
+
+    model_type = CLIP_MODEL_TYPE
+    if "sub_configs_defaults" in vars(CLIPConfig):  # transformers 5.23
+        sub_configs_defaults = {"text_config": CLIPTextConfig, "vision_config": CLIPMoEVisionConfig}
+    else:  # 5.17
+        sub_configs = {"text_config": CLIPTextConfig, "vision_config": CLIPMoEVisionConfig}
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        vision = self.vision_config
+        if vision is None:
+            vision = CLIPMoEVisionConfig()
+        elif not isinstance(vision, CLIPMoEVisionConfig):
+            if not isinstance(vision, (CLIPVisionConfig, dict)):
+                raise TypeError(f"vision_config: expected a dict or a CLIPVisionConfig, got {type(vision).__name__}")
+            vision = CLIPMoEVisionConfig(**_vision_fields(vision))
+        # CLIPConfig's own __post_init__ (5.17) rebuilds a vision config as a dense CLIPVisionConfig
+        # from its dict, which refuses ours: it builds a default one, replaced after
+        self.vision_config = None
+        super().__post_init__(**kwargs)
+        self.vision_config = vision
 
 
 def _fill_like_one_expert(param: nn.Parameter | None, fill) -> None:
@@ -176,11 +248,13 @@ def _fill_like_one_expert(param: nn.Parameter | None, fill) -> None:
         param.copy_(one.unsqueeze(0).expand_as(param))
 
 
-def init_moe_block(module: CLIPMoEMLP, config: CLIPVisionConfig) -> None:
+def init_moe_block(module: CLIPMoEMLP, config: CLIPVisionConfig, factor: float | None = None) -> None:
     """transformers-style initialisation of a CLIP-MoE block whose weights a checkpoint did not give:
     every expert the same draw from CLIP's MLP initialisation (what upcycling a freshly initialised
-    CLIP gives), the gate a fresh nn.Linear initialisation (CuMo's gate is a new nn.Linear)."""
-    factor = config.initializer_factor
+    CLIP gives), the gate a fresh nn.Linear initialisation (CuMo's gate is a new nn.Linear).
+    `config` is the tower's; `factor` the root model's `initializer_factor` (CLIP's rule; default
+    the tower config's)."""
+    factor = config.initializer_factor if factor is None else factor
     fc_std = (2 * config.hidden_size) ** -0.5 * factor
     in_proj_std = config.hidden_size**-0.5 * (2 * config.num_hidden_layers) ** -0.5 * factor
     _fill_like_one_expert(module.w1, lambda t: init.normal_(t, std=fc_std))
@@ -190,8 +264,13 @@ def init_moe_block(module: CLIPMoEMLP, config: CLIPVisionConfig) -> None:
     init.kaiming_uniform_(module.gate.weight, a=math.sqrt(5))
 
 
+def _vision_config(config: Any) -> Any:
+    """The tower's config in a CLIP vision config (itself) or a CLIPConfig (its vision_config)."""
+    return config.vision_config if isinstance(config, CLIPConfig) else config
+
+
 class _CLIPMoEMixin:
-    """What the CLIP-MoE classes add to transformers' CLIP vision classes."""
+    """What the CLIP-MoE classes add to transformers' CLIP classes."""
 
     config_class = CLIPMoEVisionConfig
     # an MoE layer's gate and experts must stay on one device (accelerate's device_map)
@@ -200,7 +279,7 @@ class _CLIPMoEMixin:
     def post_init(self) -> None:
         # CLIP's __init__ built dense layers; they become MoE layers before any weight is
         # initialised or loaded (transformers' own init then fills them: _init_weights below)
-        moe = _check_moe(getattr(self.config, "cumo_moe", None) or dict(DEFAULT_MOE))
+        moe = _check_moe(getattr(_vision_config(self.config), "cumo_moe", None) or dict(DEFAULT_MOE))
         _build_moe_layers(self, moe)
         adopt(self, moe)
         super().post_init()
@@ -208,7 +287,7 @@ class _CLIPMoEMixin:
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, CLIPMoEMLP):
-            init_moe_block(module, self.config)
+            init_moe_block(module, _vision_config(self.config), self.config.initializer_factor)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
@@ -235,9 +314,29 @@ class CLIPMoEVisionModelWithProjection(_CLIPMoEMixin, CLIPVisionModelWithProject
     config_class = CLIPMoEVisionConfig
 
 
+class CLIPMoEModel(_CLIPMoEMixin, CLIPModel):
+    """`CLIPModel` whose vision tower is CuMo's CLIP-MoE (`vision_model` is a `CLIPMoEVisionModel`;
+    `config.vision_config.cumo_moe` gives E and k); the text tower and projections are CLIP's. Same
+    forward and outputs as CLIPModel. Loads and saves with transformers' own `from_pretrained` /
+    `save_pretrained` (files hold CuMo's per-expert keys, `vision_model.encoder.layers.{L}.experts.{i}...`:
+    the tower's mapping applies where the tower sits)."""
+
+    config_class = CLIPMoEConfig
+    _no_split_modules = [*CLIPModel._no_split_modules, "CLIPMoEEncoderLayer"]
+
+
+class CLIPMoEForImageClassification(_CLIPMoEMixin, CLIPForImageClassification):
+    """`CLIPForImageClassification` whose vision tower is CuMo's CLIP-MoE (see CLIPMoEModel)."""
+
+    config_class = CLIPMoEConfig
+    _no_split_modules = [*CLIPForImageClassification._no_split_modules, "CLIPMoEEncoderLayer"]
+
+
 _MOE_CLASSES = {
     CLIPVisionModel: CLIPMoEVisionModel,
     CLIPVisionModelWithProjection: CLIPMoEVisionModelWithProjection,
+    CLIPModel: CLIPMoEModel,
+    CLIPForImageClassification: CLIPMoEForImageClassification,
 }
 _DENSE_NAMES = {cls.__name__: moe for cls, moe in _MOE_CLASSES.items()}
 _DENSE_NAMES.update({moe.__name__: moe for moe in _MOE_CLASSES.values()})
@@ -258,9 +357,10 @@ def _build_moe_layers(model: nn.Module, moe: dict[str, int]) -> None:
 
 
 def adopt(model: nn.Module, moe: dict[str, int]) -> bool:
-    """Give `model` (a CLIPVisionModel or CLIPVisionModelWithProjection whose layers are MoE) and the
-    CLIP vision model inside it their CLIP-MoE classes and config class, in place. False (and nothing
-    changed) for any other model."""
+    """Give `model` (a CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel or
+    CLIPForImageClassification whose tower's layers are MoE) and the CLIP vision model inside it their
+    CLIP-MoE classes and config classes, in place.
+    False (and nothing changed) for any other model."""
     if type(model) not in _MOE_CLASSES and not isinstance(model, _CLIPMoEMixin):
         return False
     for m in model.modules():
@@ -268,9 +368,12 @@ def adopt(model: nn.Module, moe: dict[str, int]) -> bool:
         if cls is not None:
             m.__class__ = cls
         if isinstance(m, _CLIPMoEMixin):
-            if type(m.config) is CLIPVisionConfig:
-                m.config.__class__ = CLIPMoEVisionConfig
-            m.config.cumo_moe = _check_moe(dict(moe))
+            if type(m.config) is CLIPConfig:
+                m.config.__class__ = CLIPMoEConfig
+            vision = _vision_config(m.config)
+            if type(vision) is CLIPVisionConfig:
+                vision.__class__ = CLIPMoEVisionConfig
+            vision.cumo_moe = _check_moe(dict(moe))
             # post_init stores the class's list as an instance set: a converted instance keeps the dense one
             m._no_split_modules = set(getattr(m, "_no_split_modules", None) or ()) | {"CLIPMoEEncoderLayer"}
             _register_output_recording(m)
@@ -320,6 +423,11 @@ def register() -> None:
     where they sit inside another transformers model). Idempotent."""
     AutoConfig.register(MODEL_TYPE, CLIPMoEVisionConfig, exist_ok=True)
     AutoModel.register(CLIPMoEVisionConfig, CLIPMoEVisionModel, exist_ok=True)
+    AutoConfig.register(CLIP_MODEL_TYPE, CLIPMoEConfig, exist_ok=True)
+    AutoModel.register(CLIPMoEConfig, CLIPMoEModel, exist_ok=True)
+    AutoModelForImageClassification.register(CLIPMoEConfig, CLIPMoEForImageClassification, exist_ok=True)
+    # CLIPMoEModel has no mapping of its own: transformers applies CLIPMoEVisionModel's to its
+    # `vision_model` (scoped to that prefix); a second, unscoped one would convert the keys twice
     register_checkpoint_conversion_mapping(
         "CLIPMoEVisionModel", clip_conversions(vision_model_prefix=True), overwrite=True
     )

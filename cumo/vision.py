@@ -79,12 +79,21 @@ def convert_clip_to_moe(
     gives CuMo's keys, and `load_state_dict` takes either.
 
     A `CLIPVisionModel` becomes a `cumo.CLIPMoEVisionModel` (a `CLIPVisionModelWithProjection` a
-    `cumo.CLIPMoEVisionModelWithProjection`; both are subclasses of the dense class) and its config a
-    `cumo.CLIPMoEVisionConfig` recording E and k (`config.cumo_moe`): `save_pretrained` then writes
-    CuMo's per-expert keys (with the `vision_model.` prefix where the dense model was loaded from a
-    file that had it), and transformers' own `from_pretrained` of that class or of `AutoModel`
-    rebuilds the MoE model, while dense CLIP classes refuse the directory. Other hosts (CLIPModel, a
-    model holding the tower) keep their class; `model.config.cumo_moe` still records E and k.
+    `cumo.CLIPMoEVisionModelWithProjection`, a `CLIPModel` a `cumo.CLIPMoEModel`, a
+    `CLIPForImageClassification` a `cumo.CLIPMoEForImageClassification`; each a subclass of the dense
+    class) and its config a `cumo.CLIPMoEVisionConfig` recording E and k (`config.cumo_moe`; a
+    CLIPModel's config a `cumo.CLIPMoEConfig`, its `vision_config` that). `save_pretrained` then
+    writes CuMo's per-expert keys (with the `vision_model.` prefix where the model has one or was
+    loaded from a file that had it), and transformers' own `from_pretrained` of that class or of
+    `AutoModel` rebuilds the MoE model, while dense CLIP classes refuse the directory.
+
+    Any other host (the tower of a CLIPModel or of a LLaVA converted by itself, a subclass of your own)
+    keeps its class; the tower's config object becomes a `cumo.CLIPMoEVisionConfig`, which the
+    host's config usually is too (transformers' composite models share it with their tower). Then a
+    host that builds its tower with `AutoModel.from_config(config.vision_config)` (LLaVA) reloads the
+    MoE tower once cumo is imported, and a host with a fixed `CLIPVisionConfig` (CLIPModel, your
+    subclass) refuses its directory with a message naming cumo's class that loads it. A host holding
+    a copy of the tower's config is not reached: convert the host, not its tower.
     """
     clip_layer = _clip_layer_module()
     encoder = find_clip_encoder(model)
@@ -99,8 +108,18 @@ def convert_clip_to_moe(
         if loaded is not None:  # from_pretrained's record of the file's layout, which save_pretrained reverts to
             model._weight_conversions = [*loaded, *hf.clip_conversions(vision_model_prefix=False)]
         return model
-    config = getattr(model, "config", None)
+    # another host (a tower inside a CLIPModel or a LLaVA, a subclass of the user's): the tower's
+    # config, which transformers' composite models share with their own config, becomes a
+    # CLIPMoEVisionConfig, so that the host's config.json refuses dense loaders (or, where the host
+    # builds its tower through AutoModel, rebuilds the MoE tower)
+    config = getattr(encoder, "config", None)
+    if config is None:
+        config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
+        if hf is None:
+            hf = _hf_module()
+        if type(config) is hf.CLIPVisionConfig:
+            config.__class__ = hf.CLIPMoEVisionConfig
         config.cumo_moe = moe
     return model
 

@@ -602,3 +602,352 @@ def test_fsdp2_full_state_dict_saves_and_loads():
         cwd=os.path.dirname(os.path.dirname(__file__)),
     )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+# --- CLIPModel: cumo.CLIPMoEModel ---------------------------------------------------------------------------
+
+
+def tiny_clip_model(seed: int) -> torch.nn.Module:
+    """A tiny dense CLIPModel: tiny_config()'s tower, a 1-layer text tower of hidden 16."""
+    text = transformers.CLIPTextConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=20,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=12,
+        projection_dim=8,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    config = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=tiny_fields(), projection_dim=8)
+    torch.manual_seed(seed)
+    return transformers.CLIPModel(config).eval()
+
+
+def trained_clip_model(seed: int, *, tower_only: bool = False) -> torch.nn.Module:
+    """tiny_clip_model converted (whole, or only its `vision_model` with `tower_only`), experts moved apart."""
+    model = tiny_clip_model(seed)
+    cumo.convert_clip_to_moe(model.vision_model if tower_only else model)
+    scramble_gates(model.vision_model, seed + 100)
+    perturb_experts(model.vision_model, seed + 200)
+    return model
+
+
+def assert_same_clip_model(got, want, dtype: torch.dtype | None = None) -> None:
+    """Every tensor bit for bit with its dtype; the same image and text embeddings, logits and tower
+    hidden states (transformers records those from the MoE layers too)."""
+    g, w = got.state_dict(), want.state_dict()
+    assert sorted(g) == sorted(w), (sorted(set(g) - set(w))[:4], sorted(set(w) - set(g))[:4])
+    for k in w:
+        assert g[k].dtype == w[k].dtype and torch.equal(g[k], w[k]), k
+    x = pixels(seed=51).to(dtype or next(want.parameters()).dtype)
+    ids = torch.tensor([[0, 7, 9, 11, 2], [0, 13, 4, 2, 1]])
+    with torch.no_grad():
+        a = got(input_ids=ids, pixel_values=x, output_hidden_states=True)
+        b = want(input_ids=ids, pixel_values=x, output_hidden_states=True)
+    for name in ("image_embeds", "text_embeds", "logits_per_image"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    ha, hb = a.vision_model_output.hidden_states, b.vision_model_output.hidden_states
+    assert len(ha) == len(hb) == 3 and all(torch.equal(u, v) for u, v in zip(ha, hb, strict=True))
+
+
+def test_clip_model_converted_in_place_saves_and_loads(tmp_path):
+    model = trained_clip_model(30)
+    assert type(model) is cumo.CLIPMoEModel and isinstance(model, transformers.CLIPModel)
+    assert type(model.config) is cumo.CLIPMoEConfig and type(model.vision_model) is CLIPMoE
+    assert model.vision_model.config is model.config.vision_config
+    model.save_pretrained(tmp_path)
+    keys = saved_keys(tmp_path)  # CuMo's per-expert keys under the CLIPModel's own `vision_model.`
+    assert {"vision_model.encoder.layers.1.experts.3.fc2.bias", "vision_model.encoder.layers.0.gate.weight"} <= keys
+    assert (
+        not any(".mlp.w" in k or ".mlp.gate" in k for k in keys)
+        and "text_model.encoder.layers.0.mlp.fc1.weight" in keys
+    )
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "cumo_clip" and config["architectures"] == ["CLIPMoEModel"]
+    assert config["vision_config"]["cumo_moe"] == {"num_experts": 4, "top_k": 2}
+    for route, load in {
+        "CLIPMoEModel": lambda: cumo.CLIPMoEModel.from_pretrained(tmp_path, output_loading_info=True),
+        "AutoModel": lambda: AutoModel.from_pretrained(tmp_path, output_loading_info=True),
+        "own class": lambda: type(model).from_pretrained(tmp_path, output_loading_info=True),
+    }.items():
+        loaded, info = load()
+        assert type(loaded) is cumo.CLIPMoEModel and type(loaded.vision_model) is CLIPMoE, route
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (route, info)
+        assert loaded.config.vision_config.cumo_moe == {"num_experts": 4, "top_k": 2}, route
+        assert_same_clip_model(loaded, model)
+    again = tmp_path / "again"
+    loaded.save_pretrained(again)
+    a, b = load_file(tmp_path / "model.safetensors"), load_file(again / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # the tower alone, from the CLIPModel's directory (as CLIPVisionModel reads a CLIPModel's)
+    tower, info = CLIPMoE.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert_same_model(tower, model.vision_model)
+
+
+def test_clip_model_fresh_construction_and_config():
+    config = cumo.CLIPMoEConfig(
+        text_config=tiny_clip_model(0).config.text_config,
+        vision_config={**tiny_fields(), "cumo_moe": {"num_experts": 3, "top_k": 1}},
+        projection_dim=8,
+    )
+    assert type(config.vision_config) is cumo.CLIPMoEVisionConfig and config.vision_config.initializer_factor == 1.0
+    assert type(AutoConfig.for_model("cumo_clip")) is cumo.CLIPMoEConfig
+    again = cumo.CLIPMoEConfig.from_dict(config.to_dict())
+    assert again.vision_config.cumo_moe == {"num_experts": 3, "top_k": 1} and again.to_dict() == config.to_dict()
+    torch.manual_seed(31)
+    model = AutoModel.from_config(config)
+    assert type(model) is cumo.CLIPMoEModel and "CLIPMoEEncoderLayer" in model._no_split_modules
+    moe = model.vision_model.encoder.layers[0].mlp
+    assert isinstance(moe, cumo.CLIPMoEMLP) and moe.w1.shape == (3, 36, 24)
+    # initialised as an upcycled fresh CLIP: every expert the same draw, CLIP's MLP std, zero biases
+    assert all(torch.equal(moe.w1[0], moe.w1[e]) for e in range(3)) and not moe.b1.any()
+    assert abs(moe.w1.std().item() - (2 * 24) ** -0.5) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_clip_model_dtype_is_kept_as_saved(tmp_path, dtype):
+    model = trained_clip_model(32).to(dtype)
+    model.save_pretrained(tmp_path)
+    for route, load in {
+        "default": lambda: cumo.CLIPMoEModel.from_pretrained(tmp_path),
+        "auto": lambda: cumo.CLIPMoEModel.from_pretrained(tmp_path, dtype="auto"),
+        "AutoModel": lambda: AutoModel.from_pretrained(tmp_path),
+    }.items():
+        loaded = load()
+        assert {p.dtype for p in loaded.parameters()} == {dtype}, route
+        assert_same_clip_model(loaded, model, dtype)
+    upcast = cumo.CLIPMoEModel.from_pretrained(tmp_path, dtype=torch.float32)
+    assert {p.dtype for p in upcast.parameters()} == {torch.float32}
+
+
+def test_clip_model_sharded_mismatched_and_no_checkpoint(tmp_path):
+    model = trained_clip_model(33)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="8KB")
+    assert len([f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors")]) > 2
+    assert_same_clip_model(cumo.CLIPMoEModel.from_pretrained(tmp_path / "sharded", use_safetensors=True), model)
+    # from_pretrained(None, config=, state_dict=): the parameters' names, and CuMo's keys as saved
+    for sd in (
+        model.state_dict(),
+        {k: v for f in (tmp_path / "sharded").glob("*.safetensors") for k, v in load_file(f).items()},
+    ):
+        assert_same_clip_model(cumo.CLIPMoEModel.from_pretrained(None, config=model.config, state_dict=sd), model)
+    # ignore_mismatched_sizes: E = 3 against a file of E = 4
+    config = cumo.CLIPMoEConfig.from_pretrained(tmp_path / "sharded")
+    config.vision_config.cumo_moe = {"num_experts": 3, "top_k": 2}
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        cumo.CLIPMoEModel.from_pretrained(tmp_path / "sharded", config=config)
+    loaded, info = cumo.CLIPMoEModel.from_pretrained(
+        tmp_path / "sharded", config=config, ignore_mismatched_sizes=True, output_loading_info=True
+    )
+    want = [f"vision_model.{k}" for k in moe_keys(0) + moe_keys(1)]
+    assert sorted(k for k, *_ in info["mismatched_keys"]) == sorted(want)
+    assert loaded.vision_model.encoder.layers[0].mlp.w1.shape == (3, 36, 24)
+    for k, v in model.state_dict().items():
+        if ".mlp." not in k or k.startswith("text_model."):
+            assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_clip_model_meta_device_and_device_map(tmp_path):
+    model = trained_clip_model(34)
+    model.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        for load in (cumo.CLIPMoEModel.from_pretrained, AutoModel.from_pretrained):
+            with pytest.raises(RuntimeError, match="meta device context manager"):
+                load(tmp_path)
+    pytest.importorskip("accelerate")
+    assert_same_clip_model(cumo.CLIPMoEModel.from_pretrained(tmp_path, device_map="cpu"), model)
+
+
+def test_clip_model_from_a_dense_file_converted(tmp_path):
+    """The upcycling path: a dense CLIPModel from its own file, converted, saved, loaded back."""
+    tiny_clip_model(35).save_pretrained(tmp_path / "dense")
+    model = transformers.CLIPModel.from_pretrained(tmp_path / "dense").eval()
+    cumo.convert_clip_to_moe(model)
+    scramble_gates(model.vision_model, 36)
+    model.save_pretrained(tmp_path / "moe")
+    assert "vision_model.encoder.layers.0.experts.3.fc1.weight" in saved_keys(tmp_path / "moe")
+    assert_same_clip_model(AutoModel.from_pretrained(tmp_path / "moe"), model)
+
+
+def test_clip_model_whose_tower_alone_was_converted(tmp_path):
+    """convert_clip_to_moe(clip.vision_model): the CLIPModel keeps its class, its config's vision part
+    (the tower's own config object) becomes a CLIPMoEVisionConfig: CLIPModel refuses the directory
+    (test_dense_clip_loaders_refuse_*), cumo.CLIPMoEModel loads it exactly."""
+    model = trained_clip_model(37, tower_only=True)
+    assert type(model) is transformers.CLIPModel and type(model.config.vision_config) is cumo.CLIPMoEVisionConfig
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["vision_config"]["model_type"] == "cumo_clip_vision_model"
+    loaded, info = cumo.CLIPMoEModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert_same_clip_model(loaded, model)
+    with pytest.raises(Exception, match="`import cumo`"):
+        transformers.CLIPModel.from_pretrained(tmp_path)
+
+
+def test_clip_for_image_classification_converted_in_place(tmp_path):
+    config = tiny_clip_model(0).config
+    config.num_labels = 3
+    torch.manual_seed(38)
+    model = transformers.CLIPForImageClassification(config).eval()
+    cumo.convert_clip_to_moe(model)
+    scramble_gates(model.vision_model, 39)
+    assert type(model) is cumo.CLIPMoEForImageClassification and type(model.config) is cumo.CLIPMoEConfig
+    model.save_pretrained(tmp_path)
+    assert "vision_model.encoder.layers.0.experts.1.fc1.weight" in saved_keys(tmp_path)
+    x = pixels(seed=53)
+    for load in (
+        cumo.CLIPMoEForImageClassification.from_pretrained,
+        transformers.AutoModelForImageClassification.from_pretrained,
+    ):
+        loaded, info = load(tmp_path, output_loading_info=True)
+        assert type(loaded) is cumo.CLIPMoEForImageClassification
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        g, w = loaded.state_dict(), model.state_dict()
+        assert sorted(g) == sorted(w) and all(torch.equal(g[k], w[k]) for k in w)
+        with torch.no_grad():
+            assert torch.equal(loaded(x).logits, model(x).logits)
+    with pytest.raises(Exception, match="`import cumo`"):
+        transformers.CLIPForImageClassification.from_pretrained(tmp_path)
+
+
+# --- LLaVA: a transformers host that builds its tower with AutoModel.from_config ------------------------------
+
+
+def tiny_llava(seed: int):
+    text = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    config = transformers.LlavaConfig(
+        vision_config=tiny_fields(), text_config=text.to_dict(), image_token_index=5, projector_hidden_act="gelu"
+    )
+    torch.manual_seed(seed)
+    return transformers.LlavaForConditionalGeneration(config).eval()
+
+
+def llava_logits(model) -> torch.Tensor:
+    ids = torch.tensor([[1, *[5] * 9, 7, 8], [1, 9, *[5] * 9, 3]])  # 9 image tokens: 3x3 patches, CLS dropped
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=pixels(batch=2, seed=52)).logits
+
+
+def test_llava_with_its_tower_converted_saves_and_loads(tmp_path):
+    model = tiny_llava(40)
+    tower = model.model.vision_tower
+    assert tower.config is model.config.vision_config  # AutoModel.from_config keeps the host's object
+    cumo.convert_clip_to_moe(tower)
+    scramble_gates(tower, 41)
+    perturb_experts(tower, 42)
+    assert type(tower) is CLIPMoE and type(model.config.vision_config) is cumo.CLIPMoEVisionConfig
+    model.save_pretrained(tmp_path)
+    assert "vision_tower.encoder.layers.1.experts.2.fc1.weight" in saved_keys(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["vision_config"]["model_type"] == "cumo_clip_vision_model"
+    loaded, info = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert type(loaded.model.vision_tower) is CLIPMoE  # rebuilt through AutoModel, the tower's mapping nested
+    g, w = loaded.state_dict(), model.state_dict()
+    assert sorted(g) == sorted(w) and all(g[k].dtype == w[k].dtype and torch.equal(g[k], w[k]) for k in w)
+    assert torch.equal(llava_logits(loaded), llava_logits(model))
+
+
+def test_llava_loaded_from_a_file_then_its_tower_converted(tmp_path):
+    """The host's from_pretrained recorded its file's layout (which save_pretrained reverts to) before the
+    tower became MoE, and convert_clip_to_moe cannot reach the host: the file holds the parameters'
+    names, which load back exactly all the same."""
+    tiny_llava(48).save_pretrained(tmp_path / "dense")
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "dense").eval()
+    cumo.convert_clip_to_moe(model.model.vision_tower)
+    scramble_gates(model.model.vision_tower, 49)
+    model.save_pretrained(tmp_path / "moe")
+    assert "vision_tower.encoder.layers.0.mlp.w1" in saved_keys(tmp_path / "moe")
+    loaded, info = transformers.LlavaForConditionalGeneration.from_pretrained(
+        tmp_path / "moe", output_loading_info=True
+    )
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    g, w = loaded.state_dict(), model.state_dict()
+    assert sorted(g) == sorted(w) and all(torch.equal(g[k], w[k]) for k in w)
+    assert torch.equal(llava_logits(loaded), llava_logits(model))
+
+
+class MyTower(CLIPVisionModel):
+    """A user's own CLIPVisionModel subclass."""
+
+
+def test_a_users_clip_subclass_converted_refuses_dense_and_loads_with_cumo(tmp_path):
+    torch.manual_seed(43)
+    model = MyTower(tiny_config()).eval()
+    cumo.convert_clip_to_moe(model)
+    scramble_gates(model, 44)
+    assert type(model) is MyTower and type(model.config) is cumo.CLIPMoEVisionConfig
+    model.save_pretrained(tmp_path)
+    with pytest.raises(Exception, match="`import cumo`"):
+        MyTower.from_pretrained(tmp_path)  # its own class builds dense MLPs: refused
+    assert_same_model(CLIPMoE.from_pretrained(tmp_path), model)
+
+
+# --- dense loaders refuse a CLIPModel's, a LLaVA's and a subclass's directory -------------------------------------
+
+
+def _dirs_of_every_host(tmp_path) -> dict:
+    dirs = {"clip": tmp_path / "clip", "clip_tower_only": tmp_path / "tower_only", "llava": tmp_path / "llava"}
+    trained_clip_model(45).save_pretrained(dirs["clip"])
+    trained_clip_model(46, tower_only=True).save_pretrained(dirs["clip_tower_only"])
+    llava = tiny_llava(47)
+    cumo.convert_clip_to_moe(llava.model.vision_tower)
+    llava.save_pretrained(dirs["llava"])
+    return dirs
+
+
+def test_dense_clip_loaders_refuse_without_cumo_imported(tmp_path):
+    dirs = _dirs_of_every_host(tmp_path)
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from transformers import AutoModel, CLIPModel, CLIPVisionModel, LlavaForConditionalGeneration
+        routes = [(CLIPModel, "clip"), (CLIPVisionModel, "clip"), (AutoModel, "clip"), (CLIPModel, "clip_tower_only"),
+                  (AutoModel, "clip_tower_only"), (LlavaForConditionalGeneration, "llava"), (AutoModel, "llava")]
+        dirs = { ({k: str(v) for k, v in dirs.items()})!r}
+        for cls, d in routes:
+            try:
+                cls.from_pretrained(dirs[d])
+                print(cls.__name__, d, "LOADED")
+            except Exception as exc:
+                print(cls.__name__, d, "REFUSED", repr(str(exc)[:2000]))
+        assert "cumo" not in sys.modules
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = {tuple(line.split(" ", 2)[:2]): line.split(" ", 2)[2] for line in out.stdout.strip().splitlines()}
+    assert len(lines) == 7 and all(v.startswith("REFUSED") for v in lines.values()), lines
+    for route in [
+        ("CLIPModel", "clip"),
+        ("CLIPVisionModel", "clip"),
+        ("CLIPModel", "clip_tower_only"),
+        ("AutoModel", "clip_tower_only"),
+    ]:
+        assert "`import cumo`" in lines[route] and "cumo.CLIPMoEModel" in lines[route], route
+    for route in [("AutoModel", "clip"), ("LlavaForConditionalGeneration", "llava"), ("AutoModel", "llava")]:
+        assert "cumo_clip" in lines[route], route  # transformers' unknown-model-type error names it
+
+
+def test_dense_clip_loaders_refuse_with_cumo_imported(tmp_path):
+    dirs = _dirs_of_every_host(tmp_path)
+    for d in ("clip", "clip_tower_only"):
+        for load in (
+            transformers.CLIPModel.from_pretrained,
+            transformers.CLIPConfig.from_pretrained,
+            CLIPVisionModel.from_pretrained,
+        ):
+            with pytest.raises(Exception, match="`import cumo`"):
+                load(dirs[d])
+    with pytest.raises(Exception, match="`import cumo`"):
+        AutoModel.from_pretrained(dirs["clip_tower_only"])  # model type clip: a dense CLIPConfig
