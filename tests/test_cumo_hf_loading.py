@@ -751,13 +751,20 @@ def test_clip_model_sharded_mismatched_and_no_checkpoint(tmp_path):
             assert torch.equal(loaded.state_dict()[k], v), k
 
 
-def test_clip_model_meta_device_and_device_map(tmp_path):
+def test_clip_model_meta_device_low_cpu_mem_attn_and_device_map(tmp_path):
     model = trained_clip_model(34)
     model.save_pretrained(tmp_path)
     with torch.device("meta"):
         for load in (cumo.CLIPMoEModel.from_pretrained, AutoModel.from_pretrained):
             with pytest.raises(RuntimeError, match="meta device context manager"):
                 load(tmp_path)
+    assert_same_clip_model(cumo.CLIPMoEModel.from_pretrained(tmp_path, low_cpu_mem_usage=True), model)
+    eager = cumo.CLIPMoEModel.from_pretrained(tmp_path, attn_implementation="eager")
+    assert eager.vision_model.config._attn_implementation == "eager"
+    assert all(torch.equal(eager.state_dict()[k], v) for k, v in model.state_dict().items())
+    x = pixels(seed=54)
+    with torch.no_grad():
+        torch.testing.assert_close(eager.get_image_features(x), model.get_image_features(x), rtol=1e-5, atol=1e-5)
     pytest.importorskip("accelerate")
     assert_same_clip_model(cumo.CLIPMoEModel.from_pretrained(tmp_path, device_map="cpu"), model)
 
