@@ -45,6 +45,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForZeroShotImageClassification,
     CLIPConfig,
     CLIPForImageClassification,
     CLIPModel,
@@ -426,6 +427,7 @@ def register() -> None:
     AutoConfig.register(CLIP_MODEL_TYPE, CLIPMoEConfig, exist_ok=True)
     AutoModel.register(CLIPMoEConfig, CLIPMoEModel, exist_ok=True)
     AutoModelForImageClassification.register(CLIPMoEConfig, CLIPMoEForImageClassification, exist_ok=True)
+    AutoModelForZeroShotImageClassification.register(CLIPMoEConfig, CLIPMoEModel, exist_ok=True)  # CLIPModel's task
     # CLIPMoEModel has no mapping of its own: transformers applies CLIPMoEVisionModel's to its
     # `vision_model` (scoped to that prefix); a second, unscoped one would convert the keys twice
     register_checkpoint_conversion_mapping(

@@ -672,6 +672,9 @@ def test_clip_model_converted_in_place_saves_and_loads(tmp_path):
         "CLIPMoEModel": lambda: cumo.CLIPMoEModel.from_pretrained(tmp_path, output_loading_info=True),
         "AutoModel": lambda: AutoModel.from_pretrained(tmp_path, output_loading_info=True),
         "own class": lambda: type(model).from_pretrained(tmp_path, output_loading_info=True),
+        "zero-shot": lambda: transformers.AutoModelForZeroShotImageClassification.from_pretrained(
+            tmp_path, output_loading_info=True
+        ),
     }.items():
         loaded, info = load()
         assert type(loaded) is cumo.CLIPMoEModel and type(loaded.vision_model) is CLIPMoE, route
