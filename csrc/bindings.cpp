@@ -20,7 +20,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("ACTIVATION_CODES") =
       py::dict(py::arg("none") = int(kNone), py::arg("quick_gelu") = int(kQuickGelu), py::arg("gelu") = int(kGelu),
                py::arg("gelu_tanh") = int(kGeluTanh), py::arg("silu") = int(kSilu), py::arg("relu") = int(kRelu));
-  m.attr("MAX_EXPERTS") = kMaxExperts;
+  m.attr("MAX_EXPERTS") = kMaxExperts;  // the routing kernels' limit (cumo_kernels/cuda.py reads it)
   m.attr("BIAS_LANES") = host_bias_lanes();
 
   m.def("device_count", &device_count, "Number of CUDA devices; raises 'no CUDA device is available' if none.");
@@ -69,11 +69,13 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readonly("first_counts", &HostRoute::first_counts)
       .def_readonly("z_sums", &HostRoute::z_sums);
   m.def("host_route", &host_route, py::arg("logits"), py::arg("T"), py::arg("E"), py::arg("k"), py::arg("B"),
-        py::arg("dtype"));
+        py::arg("dtype"), py::arg("path") = -1);
   m.def("host_route_backward", &host_route_backward, py::arg("logits"), py::arg("ids"), py::arg("grad_weights"),
         py::arg("grad_prob_sums"), py::arg("grad_z_sums"), py::arg("T"), py::arg("E"), py::arg("k"), py::arg("B"),
-        py::arg("dtype"));
+        py::arg("dtype"), py::arg("path") = -1);
   m.def("host_topk", &host_topk, py::arg("scores"), py::arg("k"));
+  m.def("host_rank_key", &host_rank_key, py::arg("score"), py::arg("id"));
+  m.def("host_ranks_before", &host_ranks_before, py::arg("a"), py::arg("ia"), py::arg("b"), py::arg("ib"));
   m.def("host_permute_plan", &host_permute_plan, py::arg("ids"), py::arg("E"), py::arg("chunk"));
   m.def("host_tile_schedule", &host_tile_schedule, py::arg("offsets"), py::arg("bm"), py::arg("M") = -1);
   m.def("host_find_tile_expert", &host_find_tile_expert, py::arg("tiles"), py::arg("tile"));

@@ -13,8 +13,10 @@ enum Dtype : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 // numbering, cumo_kernels/_activations.py ACTIVATION_CODES (tests/test_cuda_ext.py checks they agree)
 enum Act : int { kNone = 0, kQuickGelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kRelu = 5 };
 
-// The routing kernels keep one token's E scores in registers: E is at most this (checked in
-// Python, which falls back under `auto`).
-constexpr int kMaxExperts = 64;
+// The most experts the routing kernels take (checked in Python, which falls back under `auto`;
+// bindings.cpp exports it as MAX_EXPERTS, the value cumo_kernels/cuda.py uses): one token's E
+// scores are spread over a warp's registers, kMaxExperts / 32 per lane (routing.cu). top_k is any
+// 1 <= k <= E.
+constexpr int kMaxExperts = 256;
 
 }  // namespace cumo

@@ -9,7 +9,9 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "cumo_codes.h"
 
@@ -38,26 +40,86 @@ CUMO_HD bool ranks_before(float a, int ia, float b, int ib) {
   return ia < ib;
 }
 
-// ids[0..k) = the k best of scores[0..E), best first (ranks_before). E <= kMaxExperts.
+// A 64-bit key whose integer order is ranks_before's order: key(a, ia) > key(b, ib) exactly when
+// ranks_before(a, ia, b, ib). High word: the score's bits mapped monotonically (NaN above +inf,
+// -0 as +0: equal scores); low word: 0xFFFFFFFE - id (the lower index ranks first). Every key is
+// > 0 and < UINT64_MAX, so 0 means "none" and UINT64_MAX "before everything" (a test in
+// tests/test_cuda_ext.py checks the order against ranks_before, ties, NaN, +-0 and infinities
+// included). Top-k then needs neither a mask of taken experts nor more than one compare per score.
+CUMO_HD uint64_t rank_key(float score, int id) {
+  uint32_t u = 0xFFFFFFFFu;  // NaN
+  if (score == score) {
+    const float v = score == 0.f ? 0.f : score;
+#ifdef __CUDA_ARCH__
+    u = __float_as_uint(v);
+#else
+    memcpy(&u, &v, sizeof u);
+#endif
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  }
+  return (static_cast<uint64_t>(u) << 32) | (0xFFFFFFFEu - static_cast<uint32_t>(id));
+}
+
+CUMO_HD int key_id(uint64_t key) { return static_cast<int>(0xFFFFFFFEu - static_cast<uint32_t>(key)); }
+
+// The score of a key: the score itself, except -0 (comes back as +0: the probabilities the routing
+// ranks are never -0) and NaN (a NaN: the NaN key's high word 0xFFFFFFFF gives 0x7FFFFFFF).
+CUMO_HD float key_score(uint64_t key) {
+  uint32_t u = static_cast<uint32_t>(key >> 32);
+  u = (u & 0x80000000u) ? (u & 0x7FFFFFFFu) : ~u;
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float v;
+  memcpy(&v, &u, sizeof v);
+  return v;
+#endif
+}
+
+// One step of top-k: the larger of `best` and `key` if key ranks after the key `after` (key < after),
+// else best. The best-ranked score after the (j-1)-th choice, the j-th, is the largest key below the
+// (j-1)-th's (start from best = 0, "none"; after = UINT64_MAX for the first choice): no mask of the
+// experts taken, one compare of 64-bit keys per score.
+CUMO_HD uint64_t best_below(uint64_t best, uint64_t key, uint64_t after) {
+  return key < after && key > best ? key : best;
+}
+
+// ids[0..k) = the k best of scores[0..E), best first (ranks_before), 1 <= k <= E <= kMaxExperts.
 CUMO_HD void topk_select(const float* scores, int E, int k, int* ids) {
-  uint64_t taken = 0;
+  uint64_t after = ~uint64_t(0);
   for (int j = 0; j < k; ++j) {
-    int best = -1;
-    for (int i = 0; i < E; ++i) {
-      if ((taken >> i) & 1ull) continue;
-      if (best < 0 || ranks_before(scores[i], i, scores[best], best)) best = i;
-    }
-    ids[j] = best;
-    taken |= 1ull << best;
+    uint64_t best = 0;
+    for (int i = 0; i < E; ++i) best = best_below(best, rank_key(scores[i], i), after);
+    ids[j] = key_id(best);
+    after = best;
   }
 }
 
 // ------------------------------------------------------------------------- routing, one token
 
-// Forward of one token (CUMO.md, "Routing and the auxiliary losses"): logits l[0..E) already in
-// float32 (read from the activation dtype). Writes probs[0..E) (float32 softmax rounded to the
-// activation dtype), ids[0..k), weights[0..k) (renormalised, rounded to the activation dtype)
-// and returns logsumexp(l) in float32.
+// The routing kernels (routing.cu) map a token to a thread for E <= kThreadExperts: route_token and
+// route_token_backward below, the token's scores in per-thread arrays; and to a warp for larger E
+// (up to kMaxExperts): lane q holds the experts q, q + 32, q + 64, ..., at most kLaneSlots of them,
+// in registers (the "warp path" further below). Both apply the same rounding points and tie rule.
+constexpr int kThreadExperts = 64;
+constexpr int kRouteLanes = 32;
+constexpr int kLaneSlots = kMaxExperts / kRouteLanes;
+
+// The weight of a choice: its probability over the rounded sum of the chosen ones' probabilities.
+CUMO_HD float renormalised(float p, float sel_sum, int dtype) { return round_to(p / sel_sum, dtype); }
+
+// The gradient of a logit from its float32 probability p, its dprobs dl, pd = sum over the experts
+// of dl * p, the token's logsumexp and the z-loss gradient gz (the warp path's; route_token_backward
+// keeps its own line: nvcc contracts the two products into an FMA differently once the expression
+// is a function of its own, and the thread path stays bit for bit as it was).
+CUMO_HD float grad_logit(float p, float dl, float pd, float lse, float gz) {
+  return p * (dl - pd) + 2.f * lse * gz * p;
+}
+
+// Forward of one token on one thread (CUMO.md, "Routing and the auxiliary losses"): logits
+// l[0..E) already in float32 (read from the activation dtype). Writes probs[0..E) (float32
+// softmax rounded to the activation dtype), ids[0..k), weights[0..k) (renormalised, rounded to the
+// activation dtype) and returns logsumexp(l) in float32.
 CUMO_HD float route_token(const float* l, int E, int k, int dtype, float* probs, int* ids, float* weights) {
   float m = l[0];
   for (int e = 1; e < E; ++e) m = fmaxf(m, l[e]);
@@ -68,7 +130,7 @@ CUMO_HD float route_token(const float* l, int E, int k, int dtype, float* probs,
   float sum = 0.f;
   for (int j = 0; j < k; ++j) sum += probs[ids[j]];
   sum = round_to(sum, dtype);  // the sum of the selected probabilities, in the activation dtype
-  for (int j = 0; j < k; ++j) weights[j] = round_to(probs[ids[j]] / sum, dtype);
+  for (int j = 0; j < k; ++j) weights[j] = renormalised(probs[ids[j]], sum, dtype);
   return m + logf(s);
 }
 
@@ -85,7 +147,7 @@ CUMO_HD void route_token_backward(const float* l, int E, int k, int dtype, const
   float s = 0.f;
   for (int e = 0; e < E; ++e) s += expf(l[e] - m);
   const float lse = m + logf(s);
-  float p[kMaxExperts];
+  float p[kThreadExperts];  // E <= kThreadExperts
   for (int e = 0; e < E; ++e) p[e] = expf(l[e] - m) / s;
   float sel_sum = 0.f;
   for (int j = 0; j < k; ++j) sel_sum += round_to(p[ids[j]], dtype);
@@ -97,6 +159,85 @@ CUMO_HD void route_token_backward(const float* l, int E, int k, int dtype, const
   float pd = 0.f;
   for (int e = 0; e < E; ++e) pd += dl[e] * p[e];
   for (int e = 0; e < E; ++e) dl[e] = p[e] * (dl[e] - pd) + 2.f * lse * gz * p[e];
+}
+
+// ------------------------------------------------------------- routing, a warp per token (E > 64)
+// The same math as route_token / route_token_backward, computed by the 32 lanes of a warp: lane q
+// holds the logits of the experts q + 32*i, i < lane_experts(E, q), in l[i]. Sums over the experts
+// are each lane's partial sum (in slot order) combined over the lanes in the butterfly order of
+// __shfl_xor_sync with offsets 16, 8, 4, 2, 1 (butterfly_sum: every lane ends with the same value);
+// maxima (of logits, of rank keys) are exact in any order. The sums over the k choices run in
+// choice order on every lane, as on a thread. routing.cu's warp kernels and host_tests.cu's lanes
+// (one after another, butterfly_sum for the shuffles) call these functions.
+
+CUMO_HD int lane_experts(int E, int lane) { return lane < E ? (E - 1 - lane) / kRouteLanes + 1 : 0; }
+
+// v[slot] for a slot known only at run time, without indexing the register array (no local memory).
+template <typename V>
+CUMO_HD V lane_slot(const V (&v)[kLaneSlots], int slot) {
+  V out = v[0];
+#pragma unroll
+  for (int i = 1; i < kLaneSlots; ++i)
+    if (i == slot) out = v[i];
+  return out;
+}
+
+// The lane's largest logit (-inf when it holds none).
+CUMO_HD float lane_max(const float (&l)[kLaneSlots], int n) {
+  float m = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kLaneSlots; ++i)
+    if (i < n) m = fmaxf(m, l[i]);
+  return m;
+}
+
+// The lane's part of the softmax: x[i] = expf(l[i] - m); returns their sum in slot order.
+CUMO_HD float lane_exp(const float (&l)[kLaneSlots], int n, float m, float (&x)[kLaneSlots]) {
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < kLaneSlots; ++i) {
+    x[i] = i < n ? expf(l[i] - m) : 0.f;
+    s += x[i];
+  }
+  return s;
+}
+
+// The lane's rank keys (0, never chosen, past its n experts) and its candidate for the next choice:
+// the largest of them below `after` (best_below).
+CUMO_HD void lane_keys(const float (&p)[kLaneSlots], int n, int lane, uint64_t (&key)[kLaneSlots]) {
+#pragma unroll
+  for (int i = 0; i < kLaneSlots; ++i) key[i] = i < n ? rank_key(p[i], lane + kRouteLanes * i) : 0;
+}
+
+CUMO_HD uint64_t lane_best_below(const uint64_t (&key)[kLaneSlots], uint64_t after) {
+  uint64_t best = 0;
+#pragma unroll
+  for (int i = 0; i < kLaneSlots; ++i) best = best_below(best, key[i], after);
+  return best;
+}
+
+// The host's stand-in for the shuffles: the butterfly sum of v[0..32) (one value per lane), as
+// `v += __shfl_xor_sync(~0u, v, o)` for o = 16, 8, 4, 2, 1 computes it on every lane.
+CUMO_HD float butterfly_sum(const float* v) {
+  float a[kRouteLanes], b[kRouteLanes];
+  for (int q = 0; q < kRouteLanes; ++q) a[q] = v[q];
+  for (int o = kRouteLanes / 2; o > 0; o /= 2) {
+    for (int q = 0; q < kRouteLanes; ++q) b[q] = a[q] + a[q ^ o];
+    for (int q = 0; q < kRouteLanes; ++q) a[q] = b[q];
+  }
+  return a[0];
+}
+
+// Backward, the lane's part after the choice sums (route_token_backward's last three steps):
+// dl[i] = dprobs of expert e = lane + 32*i (gp, plus (gw_j - dot) / sel_sum for each choice j of
+// e, in choice order: added by the caller), p[i] the float32 probabilities. Returns the lane's
+// partial sum of dl * p (slot order); grad_logit then gives the gradient with the warp's sum pd.
+CUMO_HD float lane_dot(const float (&dl)[kLaneSlots], const float (&p)[kLaneSlots], int n) {
+  float pd = 0.f;
+#pragma unroll
+  for (int i = 0; i < kLaneSlots; ++i)
+    if (i < n) pd += dl[i] * p[i];
+  return pd;
 }
 
 // --------------------------------------------------------------- offsets and sort order (plan)

@@ -54,12 +54,19 @@ struct HostRoute {
   std::vector<float> weights, prob_sums, first_counts, z_sums;
   std::vector<int64_t> ids;
 };
-HostRoute host_route(const std::vector<float>& logits, int T, int E, int k, int B, int dtype);
+// The routing forward and backward of routing.cu's kernels on host arrays. path: -1 the mapping the
+// device chooses for E (a thread per token for E <= 64, else a warp), 0 a thread, 1 a warp (lane by
+// lane, the shuffles' butterfly order).
+HostRoute host_route(const std::vector<float>& logits, int T, int E, int k, int B, int dtype, int path);
 std::vector<float> host_route_backward(const std::vector<float>& logits, const std::vector<int64_t>& ids,
                                        const std::vector<float>& grad_weights,
                                        const std::vector<float>& grad_prob_sums,
-                                       const std::vector<float>& grad_z_sums, int T, int E, int k, int B, int dtype);
+                                       const std::vector<float>& grad_z_sums, int T, int E, int k, int B, int dtype,
+                                       int path);
 std::vector<int> host_topk(const std::vector<float>& scores, int k);
+// (rank_key(score, id), key_score of it) and ranks_before, for the test of the key's order.
+std::pair<u64, float> host_rank_key(float score, int id);
+bool host_ranks_before(float a, int ia, float b, int ib);
 // (sort_idx, offsets) of the permutation plan, computed chunk by chunk as the device does.
 std::pair<std::vector<int64_t>, std::vector<int64_t>> host_permute_plan(const std::vector<int64_t>& ids, int E,
                                                                          int chunk);

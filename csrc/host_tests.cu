@@ -2,17 +2,56 @@
 // token as the kernels run them, so that CI (no GPU) checks the kernels' logic against the torch
 // reference. Nothing here touches a device.
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
+#include <string>
 
 #include "cumo_cuda.h"
 #include "cumo_ops.h"
 
 namespace cumo {
 
-HostRoute host_route(const std::vector<float>& logits, int T, int E, int k, int B, int dtype) {
+namespace {
+
+// The path a routing call takes on the device (routing.cu): -1 as the device chooses (a thread per
+// token for E <= kThreadExperts, else a warp), 0 a thread, 1 a warp (any E: tests of the warp path at
+// small E, where lanes hold no expert).
+bool warp_path(int path, int E) {
+  if (path < -1 || path > 1)
+    throw std::invalid_argument("host_route: path is -1 (as the device), 0 (thread) or 1 (warp)");
+  if (path == 0 && E > kThreadExperts)
+    throw std::invalid_argument("host_route: the thread path takes E <= " + std::to_string(kThreadExperts));
+  return path == 1 || (path == -1 && E > kThreadExperts);
+}
+
+// One token's warp, lane by lane (route_warp_kernel / route_backward_warp_kernel of routing.cu):
+// l[q][i] = logit of expert q + 32*i, m, s, lse, and x[q][i] (exp, then the probability).
+struct Warp {
+  int n[kRouteLanes];
+  float l[kRouteLanes][kLaneSlots], x[kRouteLanes][kLaneSlots];
+  float m, s, lse;
+};
+
+void warp_softmax(const float* logits, int E, int dtype, Warp& w) {
+  float part[kRouteLanes];
+  w.m = -INFINITY;
+  for (int q = 0; q < kRouteLanes; ++q) {
+    w.n[q] = lane_experts(E, q);
+    for (int i = 0; i < kLaneSlots; ++i) w.l[q][i] = i < w.n[q] ? round_to(logits[q + kRouteLanes * i], dtype) : 0.f;
+    w.m = fmaxf(w.m, lane_max(w.l[q], w.n[q]));  // warp_max: exact in any order
+  }
+  for (int q = 0; q < kRouteLanes; ++q) part[q] = lane_exp(w.l[q], w.n[q], w.m, w.x[q]);
+  w.s = butterfly_sum(part);  // warp_sum
+  w.lse = w.m + logf(w.s);
+}
+
+}  // namespace
+
+HostRoute host_route(const std::vector<float>& logits, int T, int E, int k, int B, int dtype, int path) {
   check_dtype(dtype);
   if (E < 1 || E > kMaxExperts || k < 1 || k > E || B < 1 || T % B || logits.size() != size_t(T) * E)
     throw std::invalid_argument("host_route: bad sizes");
+  const bool warp = warp_path(path, E);
   HostRoute out;
   out.weights.resize(size_t(T) * k);
   out.ids.resize(size_t(T) * k);
@@ -20,12 +59,39 @@ HostRoute host_route(const std::vector<float>& logits, int T, int E, int k, int 
   out.first_counts.assign(size_t(B) * E, 0.f);
   out.z_sums.assign(B, 0.f);
   const int n = T / B;
-  float l[kMaxExperts], p[kMaxExperts], w[kMaxExperts];
-  int id[kMaxExperts];
+  std::vector<float> l(E), p(E), w(k);
+  std::vector<int> id(k);
+  Warp wp;
   for (int t = 0; t < T; ++t) {
-    for (int e = 0; e < E; ++e) l[e] = round_to(logits[size_t(t) * E + e], dtype);
-    const float lse = route_token(l, E, k, dtype, p, id, w);
+    float lse;
+    if (!warp) {
+      for (int e = 0; e < E; ++e) l[e] = round_to(logits[size_t(t) * E + e], dtype);
+      lse = route_token(l.data(), E, k, dtype, p.data(), id.data(), w.data());
+    } else {  // route_warp_kernel
+      warp_softmax(&logits[size_t(t) * E], E, dtype, wp);
+      for (int q = 0; q < kRouteLanes; ++q)
+        for (int i = 0; i < wp.n[q]; ++i) p[q + kRouteLanes * i] = wp.x[q][i] = round_to(wp.x[q][i] / wp.s, dtype);
+      uint64_t key[kRouteLanes][kLaneSlots], after = ~uint64_t(0);
+      for (int q = 0; q < kRouteLanes; ++q) lane_keys(wp.x[q], wp.n[q], q, key[q]);
+      float sel = 0.f;
+      for (int j = 0; j < k; ++j) {
+        uint64_t best = 0;  // warp_max_key over the lanes' candidates
+        for (int q = 0; q < kRouteLanes; ++q) {
+          const uint64_t c = lane_best_below(key[q], after);
+          best = c > best ? c : best;
+        }
+        if (best == 0) throw std::logic_error("host_route: the warp found no expert left to choose");
+        after = best;
+        id[j] = key_id(best);
+        w[j] = key_score(best);
+        sel += w[j];
+      }
+      sel = round_to(sel, dtype);
+      for (int j = 0; j < k; ++j) w[j] = renormalised(w[j], sel, dtype);
+      lse = wp.lse;
+    }
     for (int j = 0; j < k; ++j) {
+      if (id[j] < 0 || id[j] >= E) throw std::logic_error("host_route: an expert id outside 0..E-1");
       out.weights[size_t(t) * k + j] = w[j];
       out.ids[size_t(t) * k + j] = id[j];
     }
@@ -40,24 +106,49 @@ HostRoute host_route(const std::vector<float>& logits, int T, int E, int k, int 
 std::vector<float> host_route_backward(const std::vector<float>& logits, const std::vector<int64_t>& ids,
                                        const std::vector<float>& grad_weights,
                                        const std::vector<float>& grad_prob_sums,
-                                       const std::vector<float>& grad_z_sums, int T, int E, int k, int B, int dtype) {
+                                       const std::vector<float>& grad_z_sums, int T, int E, int k, int B, int dtype,
+                                       int path) {
   check_dtype(dtype);
   if (E < 1 || E > kMaxExperts || k < 1 || k > E || B < 1 || T % B || logits.size() != size_t(T) * E ||
       ids.size() != size_t(T) * k || grad_weights.size() != size_t(T) * k || grad_prob_sums.size() != size_t(B) * E ||
       grad_z_sums.size() != size_t(B))
     throw std::invalid_argument("host_route_backward: bad sizes");
+  const bool warp = warp_path(path, E);
   std::vector<float> out(size_t(T) * E);
   const int n = T / B;
-  float l[kMaxExperts], gw[kMaxExperts], dl[kMaxExperts];
-  int id[kMaxExperts];
+  std::vector<float> l(E), gw(k), dl(E);
+  std::vector<int> id(k);
+  Warp wp;
   for (int t = 0; t < T; ++t) {
     const int b = t / n;
-    for (int e = 0; e < E; ++e) l[e] = round_to(logits[size_t(t) * E + e], dtype);
     for (int j = 0; j < k; ++j) {
       id[j] = clamp_expert(ids[size_t(t) * k + j], E);
       gw[j] = round_to(grad_weights[size_t(t) * k + j], dtype);
     }
-    route_token_backward(l, E, k, dtype, id, gw, &grad_prob_sums[size_t(b) * E], grad_z_sums[b], dl);
+    const float* gp = &grad_prob_sums[size_t(b) * E];
+    if (!warp) {
+      for (int e = 0; e < E; ++e) l[e] = round_to(logits[size_t(t) * E + e], dtype);
+      route_token_backward(l.data(), E, k, dtype, id.data(), gw.data(), gp, grad_z_sums[b], dl.data());
+    } else {  // route_backward_warp_kernel
+      warp_softmax(&logits[size_t(t) * E], E, dtype, wp);
+      float(&p)[kRouteLanes][kLaneSlots] = wp.x;
+      for (int q = 0; q < kRouteLanes; ++q)
+        for (int i = 0; i < kLaneSlots; ++i) p[q][i] = p[q][i] / wp.s;
+      auto prob = [&](int e) { return p[e % kRouteLanes][e / kRouteLanes]; };  // warp_prob
+      float sel_sum = 0.f;
+      for (int j = 0; j < k; ++j) sel_sum += round_to(prob(id[j]), dtype);
+      sel_sum = round_to(sel_sum, dtype);
+      float dot = 0.f;
+      for (int j = 0; j < k; ++j) dot += gw[j] * (round_to(prob(id[j]), dtype) / sel_sum);
+      float d[kRouteLanes][kLaneSlots], part[kRouteLanes];
+      for (int q = 0; q < kRouteLanes; ++q)
+        for (int i = 0; i < kLaneSlots; ++i) d[q][i] = i < wp.n[q] ? gp[q + kRouteLanes * i] : 0.f;
+      for (int j = 0; j < k; ++j) d[id[j] % kRouteLanes][id[j] / kRouteLanes] += (gw[j] - dot) / sel_sum;
+      for (int q = 0; q < kRouteLanes; ++q) part[q] = lane_dot(d[q], p[q], wp.n[q]);
+      const float pd = butterfly_sum(part);
+      for (int e = 0; e < E; ++e)
+        dl[e] = grad_logit(prob(e), d[e % kRouteLanes][e / kRouteLanes], pd, wp.lse, grad_z_sums[b]);
+    }
     for (int e = 0; e < E; ++e) out[size_t(t) * E + e] = round_to(dl[e], dtype);
   }
   return out;
@@ -70,6 +161,15 @@ std::vector<int> host_topk(const std::vector<float>& scores, int k) {
   topk_select(scores.data(), E, k, ids.data());
   return ids;
 }
+
+std::pair<u64, float> host_rank_key(float score, int id) {
+  if (id < 0 || id >= kMaxExperts) throw std::invalid_argument("host_rank_key: id not in 0..kMaxExperts-1");
+  const uint64_t key = rank_key(score, id);
+  if (key_id(key) != id) throw std::logic_error("host_rank_key: key_id does not invert rank_key");
+  return {key, key_score(key)};
+}
+
+bool host_ranks_before(float a, int ia, float b, int ib) { return ranks_before(a, ia, b, ib); }
 
 std::pair<std::vector<int64_t>, std::vector<int64_t>> host_permute_plan(const std::vector<int64_t>& ids, int E,
                                                                          int chunk) {

@@ -6,9 +6,9 @@ operand (device, dtype, contiguity, alignment), allocates outputs and workspaces
 caching allocator, and passes `data_ptr()`s and `torch.cuda.current_stream().cuda_stream`.
 
 The functions have the signatures of `cumo_kernels.reference` (the contract: cumo_kernels.backend).
-`not_supported_reasons(call)` says what this backend cannot run (float64, more than 64 experts in
-the routing, a device this build has no kernels for, ...), so that a call chooses another backend
-before anything launches; the op functions check their operands again and raise
+`not_supported_reasons(call)` says what this backend cannot run (float64, more than `MAX_EXPERTS`
+(256) experts in the routing, a device this build has no kernels for, ...), so that a call
+chooses another backend before anything launches; the op functions check their operands again and raise
 `backend.Unsupported` (an error) for what a call's description cannot show.
 Importing this module never initialises CUDA, and works where the extension is not built.
 """
@@ -35,7 +35,10 @@ else:
 # refused before a code is read).
 DTYPE_CODES: dict[torch.dtype, int] = {getattr(torch, n): c for n, c in (_cuda.DTYPE_CODES if _cuda else {}).items()}
 ACTIVATION_CODES: dict[str, int] = {} if _cuda is None else dict(_cuda.ACTIVATION_CODES)
-MAX_EXPERTS = 64  # routing: one token's scores in registers
+# The most experts the routing kernels take, as the extension states it (csrc/cumo_codes.h's
+# kMaxExperts, 256: a warp per token holds E/32 scores per lane in registers; E <= 64 runs a thread
+# per token). Not built: None (every call is refused, for that, before a limit is read).
+MAX_EXPERTS: int | None = None if _cuda is None else int(_cuda.MAX_EXPERTS)
 MAX_GEMM_EXPERTS = 1023
 MAX_PERMUTE_EXPERTS = 4096  # permute: one chunk's histogram in shared memory
 _BUILD_HINT = "build it with `pip install .` on a machine with nvcc (CUDA_HOME), without CUMO_SKIP_CUDA_BUILD"
@@ -68,7 +71,7 @@ def refusal(device_type: str) -> str | None:
 
 # The most experts each op family takes, by the op a call runs (None: a whole layer, every op).
 _EXPERT_LIMITS = (
-    ("route", MAX_EXPERTS, "the routing kernel holds one token's E scores in registers"),
+    ("route", MAX_EXPERTS, "the routing kernels hold one token's E scores in a warp's registers"),
     ("permute", MAX_PERMUTE_EXPERTS, "the sort kernel holds one chunk's histogram in shared memory"),
     ("grouped_linear", MAX_GEMM_EXPERTS, "the grouped GEMM's problem list"),
     ("grouped_linear_glu", MAX_GEMM_EXPERTS, "the grouped GEMM's problem list"),
@@ -89,7 +92,7 @@ def not_supported_reasons(call: Call) -> list[str]:
         why.append(f"the CUDA kernels compute float32, float16 and bfloat16, not {call.dtype}")
     if call.num_experts is not None:
         for op, limit, what in _EXPERT_LIMITS:
-            if call.op in (None, op) and call.num_experts > limit:
+            if call.op in (None, op) and limit is not None and call.num_experts > limit:
                 why.append(f"{op} takes at most {limit} experts ({what}), got E={call.num_experts}")
     return why
 
@@ -194,7 +197,10 @@ def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
 def route(
     logits: torch.Tensor, top_k: int, num_samples: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """reference.route on the GPU: one thread per token, statistics summed in a fixed order."""
+    """reference.route on the GPU: logits [T, E] (E <= MAX_EXPERTS, 1 <= top_k <= E) ->
+    (weights [T, k] in the logits' dtype, expert_ids [T, k] int64, prob_sums [B, E], first_counts
+    [B, E], z_sums [B], float32). One thread per token for E <= 64, one warp per token above
+    (csrc/routing.cu); statistics summed in a fixed order, no atomics, no host sync."""
     dev = logits.device
     _check("logits", logits, dev)
     code = _dtype_code("logits", logits)
@@ -224,7 +230,8 @@ def route_backward(
     logits: torch.Tensor,
     expert_ids: torch.Tensor,
 ) -> torch.Tensor:
-    """reference.route_backward on the GPU: one thread per token."""
+    """reference.route_backward on the GPU: grad_logits [T, E] in the logits' dtype; one thread
+    per token for E <= 64, one warp per token above."""
     dev = logits.device
     _check("logits", logits, dev)
     code = _dtype_code("logits", logits)

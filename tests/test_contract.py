@@ -199,7 +199,7 @@ def test_errors_list_every_backends_reasons(monkeypatch):
 
 def test_reasons_of_the_real_backends():
     """What each backend states without touching a tensor: float64 for triton and cuda, E for
-    cuda's routing (64) but not its permute (4096); the torch backend runs every float call."""
+    cuda's permute (4096; its routing's 256: test_cuda_ext.py); the torch backend runs every float call."""
     cpu = torch.device("cpu")
     assert reference.not_supported_reasons(Call(cpu, torch.float64, 10_000)) == []
     assert reference.not_supported_reasons(Call(cpu, torch.int32))
@@ -214,14 +214,18 @@ def test_reasons_of_the_real_backends():
 
 
 def test_cuda_reasons_without_a_device(monkeypatch):
-    """cuda's dtype and per-op expert limits, as on a machine where it could run."""
+    """cuda's dtype and per-op expert limits, as on a machine where it could run (the routing's
+    limit, the extension's MAX_EXPERTS: test_cuda_ext.py's test_routing_takes_256_experts)."""
     cb = importlib.import_module("cumo_kernels.cuda")
     monkeypatch.setattr(cb, "refusal", lambda device_type: None)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     dev = torch.device("cuda")
     assert cb.not_supported_reasons(Call(dev, torch.bfloat16, 64)) == []
     layer = cb.not_supported_reasons(Call(dev, torch.float64, 100))
-    assert len(layer) == 2 and "float64" in layer[0] and "route takes at most 64 experts" in layer[1]
+    assert len(layer) == 1 and "float64" in layer[0]
+    assert any(
+        "grouped_linear takes at most 1023" in r for r in cb.not_supported_reasons(Call(dev, torch.float32, 1024))
+    )
     assert cb.not_supported_reasons(Call(dev, torch.float32, 100, op="permute")) == []
     assert "permute takes at most 4096" in cb.not_supported_reasons(Call(dev, torch.float32, 5000, op="permute"))[0]
 

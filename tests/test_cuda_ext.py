@@ -13,6 +13,7 @@ unless CUMO_REQUIRE_CUDA_EXT=1 (CI sets it) makes that a failure.
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 
@@ -165,21 +166,55 @@ def test_topk_tie_rule():
         s = torch.randint(0, 4, (e,), generator=g).float() / 4  # many exact ties
         want = torch.sort(s, descending=True, stable=True).indices[:k].tolist()
         assert ext.host_topk(s.tolist(), k) == want
+    # Past 64 experts (the old 64-bit mask of taken experts): experts 0 and 64, 1 and 65 both chosen
+    s = [0.0] * 130
+    s[0], s[64], s[1], s[65], s[129] = 0.9, 0.8, 0.7, 0.7, 0.7
+    assert ext.host_topk(s, 5) == [0, 64, 1, 65, 129]
+    for _ in range(100):
+        e = int(torch.randint(65, 257, (1,), generator=g))
+        k = int(torch.randint(1, 17, (1,), generator=g))
+        s = torch.randint(0, 6, (e,), generator=g).float() / 8
+        s[torch.randint(0, e, (3,), generator=g)] = -0.0
+        want = torch.sort(s, descending=True, stable=True).indices[:k].tolist()
+        assert ext.host_topk(s.tolist(), k) == want
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", [(7, 1, 4, 2), (15, 3, 4, 2), (33, 1, 8, 3), (12, 2, 8, 8), (5, 1, 1, 1)])
-@pytest.mark.parametrize("kind", ["random", "ties"])
-def test_route_token_math_matches_reference(dtype, case, kind):
+def test_rank_key_orders_as_ranks_before():
+    """Top-k's one compare per score: rank_key(a, ia) > rank_key(b, ib) exactly when ranks_before(a,
+    ia, b, ib) (NaN first, then larger first, equal scores, -0 == +0 included: lower index first),
+    and key_score gives the score back (-0 as +0, NaN as a NaN)."""
     ext = _ext()
-    t, b, e, k = case
-    g = torch.Generator().manual_seed(t * 31 + e)
-    if kind == "ties":
-        logits = (torch.randint(-2, 3, (t, e), generator=g).float() / 2).to(dtype)
-    else:
-        logits = (2 * torch.randn(t, e, generator=g)).to(dtype)
+    inf, nan = float("inf"), float("nan")
+    f32 = [3.4028234663852886e38, 1.1754943508222875e-38, 1e-45, 0.25000002980232239]  # max, min normal, denormal
+    values = torch.tensor([nan, inf, -inf, 0.0, -0.0, 1.0, -1.0, 0.25] + f32 + [-v for v in f32]).tolist()
+    pairs = [(v, i) for v in values for i in (0, 1, 63, 64, 65, 255)]
+    keys = []
+    for v, i in pairs:
+        key, back = ext.host_rank_key(v, i)
+        assert 0 < key < 2**64 - 1
+        assert back != back if v != v else (back == v and math.copysign(1.0, back) == 1.0 if v == 0 else back == v)
+        keys.append(key)
+    for (a, ia), ka in zip(pairs, keys):
+        for (b, ib), kb in zip(pairs, keys):
+            assert (ka > kb) == ext.host_ranks_before(a, ia, b, ib), (a, ia, b, ib)
+
+
+def _route_logits(t: int, e: int, dtype: torch.dtype, kind: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":  # five values: most scores tie, the tie rule decides the choice
+        return (torch.randint(-2, 3, (t, e), generator=g).float() / 2).to(dtype)
+    return (2 * torch.randn(t, e, generator=g)).to(dtype)
+
+
+def _check_host_route(ext, t: int, b: int, e: int, k: int, dtype: torch.dtype, kind: str, path: int = -1) -> None:
+    """host_route / host_route_backward (the kernels' code on host arrays, on the path the device
+    takes for E unless `path` says) against the torch reference and the float64 oracle: ids and
+    first counts exactly, weights (bit for bit at CuMo's rounding points in low precision),
+    prob sums, z sums, and the gradient of the logits."""
+    g = torch.Generator().manual_seed(t * 31 + e + 7 * k)
+    logits = _route_logits(t, e, dtype, kind, t * 31 + e)
     w, ids, ps, fc, zs = reference.route(logits, k, b)
-    out = ext.host_route(logits.float().flatten().tolist(), t, e, k, b, CODES[dtype])
+    out = ext.host_route(logits.float().flatten().tolist(), t, e, k, b, CODES[dtype], path)
     assert torch.equal(torch.tensor(out.ids).view(t, k), ids)
     assert torch.equal(torch.tensor(out.first_counts).view(b, e), fc)
     hw = torch.tensor(out.weights).view(t, k)
@@ -201,7 +236,7 @@ def test_route_token_math_matches_reference(dtype, case, kind):
     want = reference.route_backward(gw, gp, gz, logits, ids)
     got = ext.host_route_backward(
         logits.float().flatten().tolist(), ids.flatten().tolist(), gw.float().flatten().tolist(),
-        gp.flatten().tolist(), gz.tolist(), t, e, k, b, CODES[dtype],
+        gp.flatten().tolist(), gz.tolist(), t, e, k, b, CODES[dtype], path,
     )  # fmt: skip
     got = torch.tensor(got).view(t, e)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -210,6 +245,61 @@ def test_route_token_math_matches_reference(dtype, case, kind):
         ref = (rw * gw.double()).sum() + (rps * gp.double()).sum() + (rzs * gz.double()).sum()
         (rl,) = torch.autograd.grad(ref, l64)
         oracle.assert_within_ulp(got, rl, dtype, "host grad logits", skip=hang)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(7, 1, 4, 2), (15, 3, 4, 2), (33, 1, 8, 3), (12, 2, 8, 8), (5, 1, 1, 1)])
+@pytest.mark.parametrize("kind", ["random", "ties"])
+def test_route_token_math_matches_reference(dtype, case, kind):
+    _check_host_route(_ext(), *case, dtype, kind)
+
+
+# (T, B, E, k): past the thread path's 64 experts, the warp path (a warp per token, E/32 scores per
+# lane): Qwen3-30B-A3B's 128 experts, DeepSeek-V3's 256, E = 65 (lanes of 3 and 2 experts; the old
+# 64-bit mask of taken experts aliased expert 64 with expert 0), top_k 1, 8, 16.
+MANY_EXPERTS = [(6, 2, 65, 8), (5, 1, 65, 16), (4, 2, 128, 1), (6, 3, 128, 8), (4, 1, 256, 16), (4, 2, 256, 8)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", MANY_EXPERTS, ids=lambda c: "T{}-B{}-E{}-k{}".format(*c))
+@pytest.mark.parametrize("kind", ["random", "ties"])
+def test_route_many_experts_matches_oracle(dtype, case, kind):
+    _check_host_route(_ext(), *case, dtype, kind)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(9, 3, 4, 2), (5, 1, 31, 8), (6, 2, 33, 16), (4, 2, 64, 8)], ids=str)
+def test_warp_path_at_few_experts(dtype, case):
+    """The warp path where the device runs the thread path (E <= 64; E < 32: lanes without an
+    expert): the same checks, and the same choice as the thread path."""
+    ext = _ext()
+    t, b, e, k = case
+    for kind in ("random", "ties"):
+        _check_host_route(ext, t, b, e, k, dtype, kind, path=1)
+        logits = _route_logits(t, e, dtype, kind, 5).float().flatten().tolist()
+        thread = ext.host_route(logits, t, e, k, b, CODES[dtype], 0)
+        warp = ext.host_route(logits, t, e, k, b, CODES[dtype], 1)
+        assert thread.ids == warp.ids and thread.first_counts == warp.first_counts
+
+
+def test_routing_takes_256_experts(monkeypatch):
+    """One limit, the extension's: cuda.py's MAX_EXPERTS is _cuda.MAX_EXPERTS (256), and the
+    backend no longer refuses the routing of E = 256 (Qwen3-30B-A3B's 128, DeepSeek-V3's 256), a
+    whole layer of 256 either; E = 257 is refused with the reason (auto then takes another)."""
+    ext = _ext()
+    assert cuda_backend.MAX_EXPERTS == ext.MAX_EXPERTS == 256
+    monkeypatch.setattr(cuda_backend, "refusal", lambda device_type: None)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    dev = torch.device("cuda")
+    for op in ("route", None):
+        assert cuda_backend.not_supported_reasons(dispatch.Call(dev, torch.bfloat16, 256, op=op)) == []
+        why = cuda_backend.not_supported_reasons(dispatch.Call(dev, torch.bfloat16, 257, op=op))
+        assert why == ["route takes at most 256 experts (the routing kernels hold one token's E scores in a warp's "
+                       "registers), got E=257"]  # fmt: skip
+    with pytest.raises(ValueError, match="bad sizes"):
+        ext.host_route([0.0] * 257, 1, 257, 2, 1, 0)
+    with pytest.raises(ValueError, match="thread path"):
+        ext.host_route([0.0] * 65, 1, 65, 2, 1, 0, 0)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 256])

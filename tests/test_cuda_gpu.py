@@ -1,13 +1,16 @@
 """The cuda backend on a GPU, beyond the shared parity suite (which conftest.py runs on the cuda
 backend wherever available_backends("cuda") lists it): both grouped GEMM paths of the extension
 (CUTLASS and SIMT, forced with CUMO_CUDA_GEMM) against the torch reference, with an expert that
-gets no rows; auto's fallback for float64; no host sync (CUDA-graph capture of the layer).
+gets no rows, and at 256 experts; the routing kernels against their host twins (both thread
+mappings, up to E = 256, top_k = 16); permute at E = 256, k = 16; auto's fallback for float64; no
+host sync (CUDA-graph capture of the layer).
 
 Skipped with the reason on machines without a CUDA device or without the built extension.
 """
 
 from __future__ import annotations
 
+import oracle
 import pytest
 import torch
 from conftest import HAS_CUDA, NO_CUDA_REASON
@@ -33,11 +36,17 @@ def _cutlass_here(dtype: torch.dtype) -> bool:
     return cuda_backend._cuda.cutlass_supports(major * 10 + minor, cuda_backend.DTYPE_CODES[dtype])
 
 
+# 256 experts (DeepSeek-V3's count), a third of them without rows
+E256 = [0 if i % 3 == 0 else (i * 7) % 5 + 1 for i in range(256)]
+
+
 @pytest.mark.parametrize("path", ["cutlass", "simt"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("activation", ["none", "quick_gelu", "gelu"])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("counts", [[37, 0, 200, 5], [0, 0, 0, 64], [300, 1, 1, 0]], ids=str)
+@pytest.mark.parametrize(
+    "counts", [[37, 0, 200, 5], [0, 0, 0, 64], [300, 1, 1, 0], E256], ids=lambda c: str(c) if len(c) < 9 else "E256"
+)
 def test_grouped_linear_paths(monkeypatch, path, dtype, activation, bias, counts):
     if path == "cutlass" and not _cutlass_here(dtype):
         pytest.skip(f"no CUTLASS path for {dtype} on this device in this build ({cuda_backend._cuda.build_info()})")
@@ -134,7 +143,48 @@ def test_route_many_tokens_and_samples(dtype):
     assert_close_rel(zs, rzs.double(), torch.float32, "z_sums")
 
 
-@pytest.mark.parametrize("t,k,e", [(1000, 2, 8), (577, 4, 4), (300, 1, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("e,k", [(64, 8), (65, 8), (128, 1), (128, 8), (256, 16)], ids=str)
+def test_route_matches_its_host_twin(dtype, e, k):
+    """The routing kernels on the device against the same code run on the host (host_route /
+    host_route_backward: the thread path at E = 64, the warp path above), 1000 tokens in 4 samples:
+    ids and first counts exactly, weights exactly in low precision (but for the tokens whose
+    probabilities sit on a rounding boundary: device and host expf differ in the last bit), the
+    statistics and the logits' gradient to float32 rounding."""
+    ext = cuda_backend._cuda
+    t, b = 1000, 4
+    g = torch.Generator().manual_seed(e + k)
+    logits = (2 * torch.randn(t, e, generator=g)).to(dtype)
+    code = cuda_backend.DTYPE_CODES[dtype]
+    w, ids, ps, fc, zs = cumo_kernels.route(logits.cuda(), k, b, backend="cuda")
+    host = ext.host_route(logits.float().flatten().tolist(), t, e, k, b, code)
+    keep = ~oracle.hanging_tokens(logits, dtype)
+    assert torch.equal(ids.cpu()[keep], torch.tensor(host.ids).view(t, k)[keep])
+    if keep.all():
+        assert torch.equal(fc.cpu(), torch.tensor(host.first_counts).view(b, e))
+    hw = torch.tensor(host.weights).view(t, k)
+    if dtype == torch.float32:
+        torch.testing.assert_close(w.cpu(), hw, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(w.cpu().float()[keep], hw[keep])
+    # float32 sums of 250 tokens in two orders (the device's fixed-order block sums, the host's
+    # loop): each within 250 * 2^-24 = 1.5e-5 of the exact sum, relative; a probability that
+    # rounds the other way on a hanging token moves a sum by ~2^-9 of it: rtol 1e-4 covers both.
+    torch.testing.assert_close(ps.cpu(), torch.tensor(host.prob_sums).view(b, e), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(zs.cpu(), torch.tensor(host.z_sums), rtol=1e-4, atol=1e-6)
+    gw, gp, gz = torch.randn(t, k, generator=g).to(dtype), torch.randn(b, e, generator=g), torch.randn(b, generator=g)
+    got = cuda_backend.route_backward(gw.cuda(), gp.cuda(), gz.cuda(), logits.cuda(), ids).cpu().float()
+    want = ext.host_route_backward(
+        logits.float().flatten().tolist(), ids.cpu().flatten().tolist(), gw.float().flatten().tolist(),
+        gp.flatten().tolist(), gz.tolist(), t, e, k, b, code,
+    )  # fmt: skip
+    want = torch.tensor(want).view(t, e)
+    ulp = {torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+    scale = want.abs().amax(dim=1, keepdim=True)
+    assert ((got - want).abs() <= ulp * want.abs() + 2**-16 * scale)[keep].all()
+
+
+@pytest.mark.parametrize("t,k,e", [(1000, 2, 8), (577, 4, 4), (300, 1, 3), (300, 16, 256), (50, 8, 128)])
 def test_permute_many_chunks_exact(t, k, e):
     """Several 256-slot chunks of the sort plan, an expert without slots: sort order and offsets
     equal the reference's exactly; unpermute and the backward ops against the reference."""
