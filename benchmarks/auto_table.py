@@ -48,6 +48,10 @@ def entries_of(doc: dict, source: str) -> list[dict]:
         dims = doc["shapes"].get(shape)
         if dims is None:
             raise ValueError(f"{source}: results name shape {shape!r}, which `shapes` does not describe")
+        if dims.get("glu"):
+            # Gated shapes stay out: moe_mlp's gated calls take auto's static order, and a gated
+            # entry would steer plain calls of similar widths (lookup matches by FLOPs and widths).
+            continue
         out.append(
             {
                 "device": doc["device"],

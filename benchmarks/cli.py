@@ -18,7 +18,7 @@ import torch
 
 from . import report, schema
 from .providers import ALL_NAMES, PASSES, Inputs, loop_forward, make_call, make_inputs, providers_for
-from .shapes import DEFAULT_CPU, DEFAULT_GPU, NAMED, Shape, parse_shape, quick
+from .shapes import DEFAULT_CPU, DEFAULT_GPU, NAMED, Shape, parse_shape, quick, with_tokens
 from .timing import bench_interleaved, bench_ms, copy_gbps, matmul_tflops, peak_mem_gib, sync
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -50,8 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result JSON here (rewritten after every row)")
     p.add_argument("--plot", help="write a PNG bar chart here (needs matplotlib)")
     p.add_argument("--reps", type=int, default=3, help="CPU: timed runs after one warm-up, median (default 3)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads before anything runs (default: torch's)")
     p.add_argument("--rep-ms", type=int, default=100, help="CUDA: do_bench's rep in ms (default 100)")
     p.add_argument("--quick", action="store_true", help="tiny scaled versions of the shapes (smoke test)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        help="run the shapes at this many tokens T (widths, experts, top-k kept; named <shape>@T<tokens>)",
+    )
     p.add_argument("--no-check", action="store_true", help="skip the forward error against cumo-loop")
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the matmul and copy ceilings")
     p.add_argument("--time-budget", type=float, help="seconds; start no new measurement after this")
@@ -173,6 +179,8 @@ def _shapes(args: argparse.Namespace, device: torch.device) -> list[Shape]:
     else:
         names = list(DEFAULT_GPU if device.type == "cuda" else DEFAULT_CPU)
     shapes = [NAMED[n] for n in names] + [parse_shape(s, args.samples) for s in args.shape]
+    if args.tokens is not None:
+        shapes = [with_tokens(s, args.tokens) for s in shapes]
     return [quick(s) for s in shapes] if args.quick else shapes
 
 
@@ -245,7 +253,8 @@ def _document(
             if device.type == "cuda"
             else "not measured on CPU (null)"
         ),
-        "flops": "fwd 2*T*k*(in*hidden + hidden*out); fwd+bwd 3x (router not counted)",
+        "flops": "fwd 2*T*k*(in*hidden + hidden*out), gated shapes 2*T*k*(in*2*hidden + hidden*out); "
+        "fwd+bwd 3x (router not counted)",
         "ceilings": {"matmul_tflops": None, "copy_gbps": None},
         "tests": None,
         "sanitizer": None,
@@ -295,6 +304,9 @@ def _shape_info(shape: Shape, elem: int, ceilings: dict[str, Any]) -> dict[str, 
         "experts": shape.experts,
         "top_k": shape.top_k,
         "activation": shape.activation,
+        "glu": shape.glu,  # gated experts: w1 [E, 2*hidden, in], gate rows then up rows
+        "w1_rows": 2 * shape.hidden if shape.glu else shape.hidden,
+        "bias": shape.bias,
         "flops_fwd": shape.flops("fwd"),
         "min_bytes_fwd": shape.min_bytes(elem),
         "route_bytes": float(
@@ -439,6 +451,10 @@ class _Run:
 def run(args: argparse.Namespace) -> int:
     """The benchmark run `args` asks for: the document, the ceilings, then shape by shape."""
     t_start = time.monotonic()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
     picked = _device_and_dtype(args)
     if picked is None:
         return 2

@@ -7,8 +7,8 @@ import os
 import sys
 from typing import Any
 
-# The loop and the sorted grouped_mm baselines: CuMo's and ours for moe_mlp's shapes, transformers'
-# own "eager" and "grouped_mm" experts for the transformers families' shapes (hf-*).
+# The loop and the sorted grouped_mm baselines: CuMo's and ours for moe_mlp's shapes; transformers'
+# own "eager" and "grouped_mm" experts (hf-*) for the transformers families' blocks and the gated shapes.
 BASELINES = ("cumo-loop", "grouped_mm", "hf-eager", "hf-grouped_mm")
 
 
@@ -28,27 +28,30 @@ def _f(v: float | None, fmt: str) -> str:
 
 
 def _either(row: dict[str, Any], base: str, hf_base: str) -> float | None:
-    """The row's speed-up over `base`, or over `hf_base` on a transformers family's shape."""
+    """The row's speed-up over `base`, or over `hf_base` where `base` did not run."""
     v = row.get(f"speedup_vs_{base}")
     return v if v is not None else row.get(f"speedup_vs_{hf_base}")
 
 
 def table(doc: dict[str, Any]) -> str:
+    """`vs loop`: over cumo-loop; `vs gmm`: over grouped_mm, else hf-grouped_mm; `vs eager`: over
+    hf-eager (transformers' eager experts)."""
     unit = "TFLOP/s" if doc.get("device_type") == "cuda" else "GFLOP/s"
     scale = 1.0 if unit == "TFLOP/s" else 1e3
     w = max([22] + [len(r["shape"]) for r in doc["results"]] + [len(r["shape"]) for r in doc.get("skipped", [])])
-    head = f"{'shape':<{w}} {'pass':<8} {'provider':<12} {'ms':>10} {unit:>8} {'x dense':>8} "
-    head += f"{'vs loop':>8} {'vs gmm':>7} {'peak GiB':>9} {'err/loop':>9}"
+    pw = max([13] + [len(r["provider"]) for r in doc["results"]])
+    head = f"{'shape':<{w}} {'pass':<8} {'provider':<{pw}} {'ms':>10} {unit:>8} {'x dense':>8} "
+    head += f"{'vs loop':>8} {'vs gmm':>7} {'vs eager':>8} {'peak GiB':>9} {'err/loop':>9}"
     lines = [head, "-" * len(head)]
     for r in doc["results"]:
         lines.append(
-            f"{r['shape']:<{w}} {r['pass']:<8} {r['provider']:<12} {r['ms']:>10.3f} {r['tflops'] * scale:>8.2f} "
-            f"{_f(r.get('frac_dense'), '.2f'):>8} {_f(_either(r, 'cumo-loop', 'hf-eager'), '.2f'):>8} "
-            f"{_f(_either(r, 'grouped_mm', 'hf-grouped_mm'), '.2f'):>7} {_f(r.get('peak_mem_gib'), '.3f'):>9} "
-            f"{_f(r.get('rel_err_vs_loop'), '.1e'):>9}"
+            f"{r['shape']:<{w}} {r['pass']:<8} {r['provider']:<{pw}} {r['ms']:>10.3f} {r['tflops'] * scale:>8.2f} "
+            f"{_f(r.get('frac_dense'), '.2f'):>8} {_f(r.get('speedup_vs_cumo-loop'), '.2f'):>8} "
+            f"{_f(_either(r, 'grouped_mm', 'hf-grouped_mm'), '.2f'):>7} {_f(r.get('speedup_vs_hf-eager'), '.2f'):>8} "
+            f"{_f(r.get('peak_mem_gib'), '.3f'):>9} {_f(r.get('rel_err_vs_loop'), '.1e'):>9}"
         )
     for s in doc.get("skipped", []):
-        lines.append(f"{s['shape']:<{w}} {s['pass']:<8} {s['provider']:<12} skipped: {s['reason']}")
+        lines.append(f"{s['shape']:<{w}} {s['pass']:<8} {s['provider']:<{pw}} skipped: {s['reason']}")
     c = doc.get("ceilings", {})
     if c.get("matmul_tflops") is None and c.get("copy_gbps") is None:
         lines.append("ceilings: not measured")

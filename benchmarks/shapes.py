@@ -49,16 +49,13 @@ class Shape:
         return float(n * elem)
 
     def describe(self) -> str:
+        gated = f" glu (w1 2x{self.hidden} rows)" if self.glu else ""
         return (
             f"T={self.tokens} ({self.samples}x{self.tokens_per_sample}) in={self.d_in} hidden={self.hidden} "
-            f"out={self.d_out} E={self.experts} k={self.top_k} {self.activation}"
+            f"out={self.d_out} E={self.experts} k={self.top_k} {self.activation}{gated}"
+            f"{'' if self.bias else ' no biases'}"
         )
 
-
-_GLU_PENDING = (
-    "gated experts: this benchmark's providers and baselines build plain experts (not wired for glu yet); "
-    "the CPU figures come from python -m benchmarks.glu_cpu"
-)
 
 # name: tokens T (samples x tokens per sample), in, hidden, out, E, k, activation
 NAMED: dict[str, Shape] = {
@@ -72,13 +69,13 @@ NAMED: dict[str, Shape] = {
         # MLP connector: samples of 576 tokens.
         Shape("connector-train", 2_304, 2048, 4096, 4096, 4, 2, "gelu", samples=4),
         Shape("connector-infer", 576, 2048, 4096, 4096, 4, 2, "gelu", samples=1),
-        # Gated experts (issue 23; glu: "hidden" is the gated width, w1 has 2x that many rows). The
-        # layer benchmark's providers build plain experts, so it skips these with _GLU_PENDING;
-        # `python -m benchmarks.glu_cpu` times them (torch backend, CPU).
-        Shape("mixtral", 4_096, 4096, 14336, 4096, 8, 2, "silu", glu=True, bias=False, unsupported=_GLU_PENDING),
-        Shape("qwen3-moe", 4_096, 2048, 768, 2048, 128, 8, "silu", glu=True, bias=False, unsupported=_GLU_PENDING),
-        Shape("olmoe", 4_096, 2048, 1024, 2048, 64, 8, "silu", glu=True, bias=False, unsupported=_GLU_PENDING),
-        Shape("gpt-oss", 4_096, 2880, 2880, 2880, 32, 4, "gpt_oss_swiglu", glu=True, unsupported=_GLU_PENDING),
+        # Gated experts (issue 23; glu: "hidden" is the gated width, w1 [E, 2*hidden, in] holds each
+        # expert's gate rows then its up rows). Every provider builds gated experts for them; the
+        # hf-* providers run the model's transformers experts class on the same weights.
+        Shape("mixtral", 4_096, 4096, 14336, 4096, 8, 2, "silu", glu=True, bias=False),
+        Shape("qwen3-moe", 4_096, 2048, 768, 2048, 128, 8, "silu", glu=True, bias=False),
+        Shape("olmoe", 4_096, 2048, 1024, 2048, 64, 8, "silu", glu=True, bias=False),
+        Shape("gpt-oss", 4_096, 2880, 2880, 2880, 32, 4, "gpt_oss_swiglu", glu=True),
         # One decoder MoE block (router + experts) of a transformers model at 2,048 tokens: the
         # hf-* providers (transformers' experts implementations "cumo", "grouped_mm", "eager").
         Shape("olmoe-layer", 2_048, 2048, 1024, 2048, 64, 8, "swiglu", glu=True, hf_family="olmoe"),
@@ -87,8 +84,8 @@ NAMED: dict[str, Shape] = {
 }
 GLU_SHAPES = ("mixtral", "qwen3-moe", "olmoe", "gpt-oss")
 
-# The gated shapes are not in the GPU default yet: the providers' weights and baselines are the
-# plain layer's (issue 23 lists what is left); `python -m benchmarks.glu_cpu` times them on the CPU.
+# CuMo's shapes first (a run cut short keeps them), then the gated ones, the many-small-experts
+# shapes before the few large ones.
 DEFAULT_GPU = (
     "clip-train",
     "clip-infer",
@@ -96,6 +93,10 @@ DEFAULT_GPU = (
     "clip-train-whole",
     "connector-train",
     "connector-infer",
+    "olmoe",
+    "qwen3-moe",
+    "gpt-oss",
+    "mixtral",
 )
 # On a CPU the training shapes take minutes per provider: the default is the two inference shapes.
 DEFAULT_CPU = ("clip-infer", "connector-infer")
@@ -121,6 +122,16 @@ def parse_shape(text: str, samples: int = 1) -> Shape:
         raise ValueError(f"--shape {text!r}: T={t} is not a multiple of --samples {samples}")
     name = f"custom-{t}x{d_in}x{hidden}x{d_out}-E{e}k{k}-{act}"
     return Shape(name, t, d_in, hidden, d_out, e, k, act, samples=samples)
+
+
+def with_tokens(shape: Shape, tokens: int) -> Shape:
+    """`shape` at `tokens` tokens (widths, experts and top-k kept; named `<name>@T<tokens>`): in
+    samples of the shape's own length where `tokens` is a multiple of it, else one sample."""
+    if tokens < 1:
+        raise ValueError(f"--tokens {tokens}: must be >= 1")
+    n = shape.tokens_per_sample
+    samples = tokens // n if shape.samples > 1 and tokens % n == 0 else 1
+    return replace(shape, name=f"{shape.name}@T{tokens}", tokens=tokens, samples=samples)
 
 
 def quick(shape: Shape) -> Shape:

@@ -81,6 +81,19 @@ def test_table_from_result_files(tmp_path, capsys):
     assert "cuda > triton > torch" in capsys.readouterr().out
 
 
+def test_table_leaves_gated_shapes_out():
+    """moe_mlp's gated calls take auto's static order; a gated shape's timings must not enter the
+    table (lookup, by FLOPs and widths, would hand them to plain calls of similar widths)."""
+    doc = _result_doc(TIMES)
+    doc["shapes"]["olmoe"] = {"in": 2048, "hidden": 1024, "out": 2048, "experts": 64, "top_k": 8, "tokens": 4096}
+    doc["shapes"]["olmoe"]["glu"] = True
+    doc["results"].append(
+        {"shape": "olmoe", "pass": "fwd", "provider": "cumo-cuda", "ms": 1.0, "tflops": 1.0, "peak_mem_gib": None}
+    )
+    shapes = {e["shape"] for e in auto_table.entries_of(doc, "r.json")}
+    assert shapes == {"clip-train", "connector-infer"}
+
+
 def test_table_refuses_failed_tests_and_skips_cpu_runs(tmp_path, capsys):
     bad = _write(tmp_path, "bad.json", _result_doc(TIMES, failed=2))
     assert auto_table.main([str(bad), "--out", str(tmp_path / "t.json")]) == 2

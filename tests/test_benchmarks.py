@@ -14,15 +14,17 @@ import os
 import subprocess
 import sys
 
+import oracle
 import pytest
 import torch
 
 from benchmarks import schema, suite_tools
 from benchmarks.cli import junit_counts
 from benchmarks.cli import main as bench_main
-from benchmarks.providers import grouped_mm_forward, loop_forward, make_inputs
-from benchmarks.shapes import NAMED, parse_shape, quick
+from benchmarks.providers import grouped_mm_forward, loop_forward, make_call, make_inputs, providers_for
+from benchmarks.shapes import NAMED, parse_shape, quick, with_tokens
 from benchmarks.timing import bench_interleaved
+from cumo_kernels.testing import assert_close_rel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,6 +61,60 @@ def test_cli_quick_cpu_writes_valid_json(tmp_path, capsys):
         assert r["ms"] > 0 and r["tflops"] > 0
         if r["pass"] == "fwd" and r["provider"] != "dense":
             assert r["rel_err_vs_loop"] < 1e-5, r
+
+
+def test_cli_gated_shape_cpu_end_to_end(tmp_path):
+    """A gated shape (issue 23) through the CLI at a tiny scale: every provider runs both passes
+    on gated experts (none skipped), the error column agrees with the loop, and the result
+    document says the shape is gated, with the gated FLOPs."""
+    out = tmp_path / "r.json"
+    provs = ["cumo-torch", "cumo-loop", "grouped_mm", "dense", "dense-mlp", "hf-eager"]
+    argv = ["--quick", "--device", "cpu", "--shapes", "olmoe", "--tokens", "256", "--providers", ",".join(provs)]
+    assert bench_main([*argv, "--reps", "1", "--no-ceilings", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert schema.validate(doc) == [] and doc["complete"] is True
+    assert doc["skipped"] == [], doc["skipped"]
+    name = "olmoe@T256@quick"
+    info = doc["shapes"][name]
+    assert info["glu"] is True and info["bias"] is False and info["w1_rows"] == 2 * info["hidden"]
+    t, k, d_in, hid, d_out = info["tokens"], info["top_k"], info["in"], info["hidden"], info["out"]
+    assert (t, k, info["experts"]) == (8, 8, 64)  # 256 tokens / 32, the quick scale
+    assert info["flops_fwd"] == 2.0 * t * k * (d_in * 2 * hid + hid * d_out)
+    rows = {(r["pass"], r["provider"]): r for r in doc["results"]}
+    assert set(rows) == {(p, prov) for p in ("fwd", "fwd+bwd") for prov in provs}
+    for (p, prov), r in rows.items():
+        assert r["shape"] == name and r["ms"] > 0
+        assert r["frac_dense"] is not None and r["speedup_vs_hf-eager"] is not None
+        if p == "fwd" and not prov.startswith("dense"):
+            assert r["rel_err_vs_loop"] < 1e-5, r
+
+
+@pytest.mark.parametrize("name", ["olmoe", "gpt-oss"])
+def test_gated_providers_match_the_oracle(name):
+    """Every provider that runs a gated shape computes the block of the float64 oracle
+    (tests/oracle.py, moe_oracle with glu="concat"): y, both losses, and the gradient into x of
+    the fwd+bwd pass. gpt-oss: biases and the clamped SwiGLU, and hf-* through GPT-OSS's own
+    experts class, whose weights are interleaved and transposed copies of the shape's."""
+    shape = with_tokens(quick(NAMED[name]), 24)
+    names = ["cumo-torch", "cumo-loop", "grouped_mm", "hf-eager", "hf-grouped_mm", "hf-cumo"]
+    provs, left = providers_for(torch.device("cpu"), names)
+    assert sorted(p.name for p in provs) == sorted(names), left
+    inp = make_inputs(shape, torch.float32, torch.device("cpu"), seed=3)
+    assert inp.w1.shape[1] == 2 * shape.hidden and (inp.b1 is not None) == shape.bias
+    fields = (inp.x, inp.gate, inp.w1, inp.b1, inp.w2, inp.b2)
+    leaves = {n: oracle.up(t, True) for n, t in zip(("x", "gate_weight", "w1", "b1", "w2", "b2"), fields)}
+    y64, bal64, z64, _ = oracle.moe_oracle(
+        **leaves, top_k=shape.top_k, activation=shape.activation, glu="concat", dtype=torch.float32
+    )
+    ((y64 * inp.dy.double()).sum() + bal64 + z64).backward()
+    for prov in provs:
+        assert prov.refuses(shape, torch.device("cpu"), torch.float32) is None, prov.name
+        y, bal, z = make_call(prov, shape, inp, "fwd")()
+        assert_close_rel(y, y64, torch.float32, f"{prov.name} y")
+        assert_close_rel(bal, bal64, torch.float32, f"{prov.name} balance")
+        assert_close_rel(z, z64, torch.float32, f"{prov.name} z")
+        dx = make_call(prov, shape, inp, "fwd+bwd")()[0]
+        assert_close_rel(dx, leaves["x"].grad, torch.float32, f"{prov.name} grad x")
 
 
 def test_schema_rejects_broken_documents():
