@@ -28,6 +28,16 @@ from .s2 import MultiScaleVisionTower
 from .upcycle import upcycle_mlp
 from .vision import collect_aux_losses, convert_clip_to_moe, enable_activation_checkpointing, from_pretrained
 
+# the transformers classes (cumo._hf), exported where transformers imports
+_HF_NAMES = (
+    "CLIPMoEConfig",
+    "CLIPMoEForImageClassification",
+    "CLIPMoEModel",
+    "CLIPMoEVisionConfig",
+    "CLIPMoEVisionModel",
+    "CLIPMoEVisionModelWithProjection",
+)
+
 try:  # transformers (the `hf` extra) installed, and new enough for the CLIP-MoE classes
     from . import _hf as _hf_classes
 except ImportError:  # not installed or too old: the classes' names below then raise the install hint
@@ -38,21 +48,7 @@ except Exception as _exc:  # installed but broken: the connector and the kernels
     warnings.warn(f"cumo: transformers failed to import ({_exc!r}); the CLIP-MoE classes are unavailable", stacklevel=2)
 else:
     _hf_classes.register()
-    CLIPMoEConfig = _hf_classes.CLIPMoEConfig
-    CLIPMoEForImageClassification = _hf_classes.CLIPMoEForImageClassification
-    CLIPMoEModel = _hf_classes.CLIPMoEModel
-    CLIPMoEVisionConfig = _hf_classes.CLIPMoEVisionConfig
-    CLIPMoEVisionModel = _hf_classes.CLIPMoEVisionModel
-    CLIPMoEVisionModelWithProjection = _hf_classes.CLIPMoEVisionModelWithProjection
-
-_HF_NAMES = (
-    "CLIPMoEConfig",
-    "CLIPMoEForImageClassification",
-    "CLIPMoEModel",
-    "CLIPMoEVisionConfig",
-    "CLIPMoEVisionModel",
-    "CLIPMoEVisionModelWithProjection",
-)
+    globals().update({_name: getattr(_hf_classes, _name) for _name in _HF_NAMES})
 
 
 def __getattr__(name: str):
@@ -64,13 +60,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    *_HF_NAMES,
     "BALANCE_COEF",
-    "CLIPMoEConfig",
-    "CLIPMoEForImageClassification",
-    "CLIPMoEModel",
-    "CLIPMoEVisionConfig",
-    "CLIPMoEVisionModel",
-    "CLIPMoEVisionModelWithProjection",
     "CLIPMoEMLP",
     "MLPMoE",
     "MultiScaleVisionTower",
